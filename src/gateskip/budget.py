@@ -1,0 +1,82 @@
+"""Budget policies: which tokens skip a gated module, given their importance.
+
+Both policies return a keep mask over (batch, time). Padding is never kept and
+never counted; protected tokens (e.g. BOS when it may not be skipped) are always kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+import torch
+
+from .errors import GateSkipError
+
+SCOPES = ("sequence", "batch")
+
+
+def check_ratio(ratio: float) -> float:
+    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
+        raise GateSkipError(f"budget must be a skip ratio in [0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+@dataclass(frozen=True)
+class QuantileBudget:
+    """Skip the floor(ratio * n) least important valid tokens of each sequence (or of the
+    whole batch with scope="batch", the paper's pooling). Exact counts rather than a
+    quantile value, so ties cannot push the skip fraction off the budget."""
+
+    ratio: float
+    scope: str = "sequence"
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        if self.scope not in SCOPES:
+            raise GateSkipError(f"quantile scope must be one of {SCOPES}, got {self.scope!r}")
+
+    def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
+        if self.ratio == 0.0:
+            return valid
+        shape = imp.shape
+        if self.scope == "batch":
+            imp, valid = imp.reshape(1, -1), valid.reshape(1, -1)
+            protect = None if protect is None else protect.reshape(1, -1)
+        skippable = valid if protect is None else valid & ~protect
+        n_skip = torch.floor(valid.sum(1).double() * self.ratio + 1e-9).long()
+        n_skip = torch.minimum(n_skip, skippable.sum(1))
+        scores = imp.float().masked_fill(~skippable, float("inf"))
+        order = torch.argsort(scores, dim=1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        keep = valid & (rank >= n_skip[:, None])
+        return keep.reshape(shape)
+
+
+@dataclass(frozen=True)
+class ThresholdBudget:
+    """Skip a token iff its importance is below its module's calibrated threshold.
+    Causal and batch-independent, so it also skips in single-token decoding."""
+
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    ratio: float | None = None  # the target ratio the thresholds were calibrated for (a label)
+
+    def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
+        if key not in self.thresholds:
+            raise GateSkipError(f"no calibrated threshold for module {key!r}; calibrate the model for this budget first")
+        keep = valid & (imp >= self.thresholds[key])
+        return keep if protect is None else keep | (valid & protect)
+
+
+Budget = Union[QuantileBudget, ThresholdBudget]
+
+
+def as_budget(budget: "Budget | float | None") -> Budget | None:
+    """Accept a bare ratio as shorthand for the default per-sequence quantile budget."""
+    if budget is None or isinstance(budget, (QuantileBudget, ThresholdBudget)):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return QuantileBudget(check_ratio(budget))
+    raise GateSkipError(f"a budget is a ratio in [0, 1], a QuantileBudget or a ThresholdBudget, got {budget!r}")

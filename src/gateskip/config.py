@@ -1,0 +1,58 @@
+"""Gate configuration: what kind of gate sits on which branches, and how it starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import GateSkipError
+
+GATE_KINDS = ("vector", "scalar", "lowrank")
+BRANCHES = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How gates are built. Defaults follow the paper (vector gate, both branches).
+
+    kind: "vector" (d -> d), "scalar" (d -> 1) or "lowrank" (d -> rank -> d).
+    branches: which branches get a gate ("attn", "mlp" or both).
+    shared: one gate per branch shared by every layer instead of one per layer.
+    detach_input: the gate reads a detached copy of the branch input, so the
+        sparsity loss does not pull on the backbone's representations.
+    init_std, init_bias: N(0, init_std) weights and bias 5 start gates almost open
+        (sigmoid(5) = 0.993), so the gated model begins close to the original.
+    """
+
+    kind: str = "vector"
+    rank: int = 32
+    branches: tuple[str, ...] = BRANCHES
+    shared: bool = False
+    detach_input: bool = True
+    init_std: float = 0.01
+    init_bias: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "branches", tuple(self.branches))
+        if self.kind not in GATE_KINDS:
+            raise GateSkipError(f"unknown gate kind {self.kind!r}; choose one of {', '.join(GATE_KINDS)}")
+        if not self.branches or any(b not in BRANCHES for b in self.branches):
+            raise GateSkipError(f"branches must be a non-empty subset of {BRANCHES}, got {self.branches}")
+        if self.kind == "lowrank" and (not isinstance(self.rank, int) or self.rank <= 0):
+            raise GateSkipError(f"low-rank gate rank must be a positive integer, got {self.rank}")
+
+    def check_width(self, hidden_size: int) -> None:
+        """Rank is bounded by the model width, known only once a model is at hand."""
+        if self.kind == "lowrank" and self.rank > hidden_size:
+            raise GateSkipError(f"low-rank gate rank {self.rank} exceeds the model width {hidden_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["branches"] = list(self.branches)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GateConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

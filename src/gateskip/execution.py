@@ -1,0 +1,99 @@
+"""Physical execution of gated branches: skipped tokens are removed before the work.
+
+Attention follows design.md section 1: keys and values are computed (and cached) for
+every token, so later tokens and the KV cache never see a hole; queries, scores and
+the output projection run for kept tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GateSkipError
+from .tokens import gather_packed, gather_rows, kept_rows, pack_per_sequence
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding for x (B, H, T, D) with cos/sin (B, T, D), as the HF Llama family does it."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def _heads(proj: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, H*D) -> (B, H, T, D)."""
+    b, t, _ = proj.shape
+    return proj.view(b, t, -1, head_dim).transpose(1, 2)
+
+
+def _query_mask(mask: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, keys: int) -> torch.Tensor:
+    """The rows of the layer's attention mask that belong to kept queries, (B, 1, K, S) bool.
+
+    With no mask (no padding, plain causal) the query at position t of this call sits
+    at key position keys - length + t. Padding slots may see every key: their outputs
+    are dropped, and a fully masked row would give NaN.
+    """
+    b = index.shape[0]
+    if mask is None:
+        key_pos = torch.arange(keys, device=index.device)
+        allowed = key_pos[None, None, :] <= (keys - length + index)[..., None]
+    elif isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            mask = mask == 0  # additive float mask: 0 where attending
+        allowed = gather_packed(mask[:, 0].expand(b, -1, -1), index)
+    else:
+        raise GateSkipError("physical execution needs attn_implementation 'sdpa' or 'eager'")
+    return (allowed | ~slot_valid[..., None]).unsqueeze(1)
+
+
+def attention_physical(
+    attn: nn.Module,
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    cache,
+    cache_kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention output rows (N, d) for kept tokens and their flat indices, or None if none is kept.
+
+    x is the branch input (B, T, d). K/V of all tokens go into the cache either way.
+    """
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    cos, sin = (p.expand(b, -1, -1) for p in position_embeddings)
+
+    k = _heads(attn.k_proj(x), hd)
+    v = _heads(attn.v_proj(x), hd)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k = _rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx, kwargs=cache_kwargs)
+
+    index, slot_valid = pack_per_sequence(keep)
+    if index.shape[1] == 0:
+        return None
+    q = _heads(attn.q_proj(gather_packed(x, index)), hd)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = _rope(q, gather_packed(cos, index), gather_packed(sin, index))
+
+    mask = _query_mask(attention_mask, index, slot_valid, t, k.shape[2])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    out = out.transpose(1, 2).reshape(b, index.shape[1], -1)[slot_valid]
+    return attn.o_proj(out), kept_rows(keep)
+
+
+def branch_physical(branch: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A token-wise branch (MLP) on kept tokens only: output rows (N, d) and their flat indices."""
+    rows = kept_rows(keep)
+    if rows.numel() == 0:
+        return None
+    return branch(gather_rows(x, rows)), rows

@@ -1,0 +1,95 @@
+"""The gated decoder layer: one forward for the Llama family (Llama, Qwen2, Mistral)
+and Gemma3, read top to bottom.
+
+    h <- h + keep_attn * g_attn(x) * attn(x),   x = norm_in(h)
+    h <- h + keep_mlp  * g_mlp(x)  * mlp(x),    x = norm_in'(h)
+
+Gemma3 also normalises each branch output (post-norms) before it is gated. With no
+ForwardContext the original HF forward runs untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .execution import attention_physical, branch_physical
+from .plan import ForwardContext
+from .tokens import scatter_add_rows
+
+
+def branch_norms(layer: nn.Module) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """(input norm, output norm or None) of each branch; Gemma-style layers have both."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return {
+            "attn": (layer.input_layernorm, layer.post_attention_layernorm),
+            "mlp": (layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm),
+        }
+    return {"attn": (layer.input_layernorm, None), "mlp": (layer.post_attention_layernorm, None)}
+
+
+def _add_masked(h: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+    """Masked execution: every token was computed; skipped ones contribute nothing."""
+    if gate is not None:
+        out = out * gate
+    if keep is not None:
+        out = out * keep.unsqueeze(-1).to(out.dtype)
+    return h + out
+
+
+def _add_rows(h: torch.Tensor, result, gate: torch.Tensor | None, out_norm: nn.Module | None) -> torch.Tensor:
+    """Physical execution: add the kept tokens' outputs back into the residual stream."""
+    if result is None:  # every token skipped this branch
+        return h
+    out, rows = result
+    if out_norm is not None:
+        out = out_norm(out)
+    if gate is not None:
+        out = out * gate.reshape(-1, gate.shape[-1]).index_select(0, rows)
+    return scatter_add_rows(h, rows, out)
+
+
+class GatedLayerMixin:
+    """Mixed in before an HF decoder layer class; see gateskip.model.add_gates."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, skip_ctx: ForwardContext | None = None, **kwargs):
+        if "past_key_values" in kwargs:  # older spelling of `cache`
+            cache = kwargs.pop("past_key_values")
+        if skip_ctx is None:
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        layer = self.self_attn.layer_idx
+        norms = branch_norms(self)
+        h = hidden_states
+
+        # Attention branch
+        norm_in, norm_out = norms["attn"]
+        x = norm_in(h)
+        gate = skip_ctx.gate("attn", layer)
+        g = gate(x) if gate is not None else None
+        keep = skip_ctx.decide(f"attn.{layer}", g)
+        if skip_ctx.physical and keep is not None and not bool(keep.all()):
+            result = attention_physical(self.self_attn, x, keep, position_embeddings, attention_mask, cache, kwargs)
+            h = _add_rows(h, result, g, norm_out)
+        else:
+            out, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
+                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+            if norm_out is not None:
+                out = norm_out(out)
+            h = _add_masked(h, out, g, keep)
+
+        # MLP branch
+        norm_in, norm_out = norms["mlp"]
+        x = norm_in(h)
+        gate = skip_ctx.gate("mlp", layer)
+        g = gate(x) if gate is not None else None
+        keep = skip_ctx.decide(f"mlp.{layer}", g)
+        if skip_ctx.physical and keep is not None and not bool(keep.all()):
+            h = _add_rows(h, branch_physical(self.mlp, x, keep), g, norm_out)
+        else:
+            out = self.mlp(x)
+            if norm_out is not None:
+                out = norm_out(out)
+            h = _add_masked(h, out, g, keep)
+        return h

@@ -1,0 +1,175 @@
+"""Put gates on a Hugging Face causal LM, run it with a skip plan, save and load the gates.
+
+`add_gates` changes a model in place: each decoder layer and the top-level model get
+a subclass of their own class that understands a skip plan, and a GateBank is attached
+as `model.gate_bank`. Module names, weights and `generate` stay as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from .config import GateConfig
+from .errors import GateSkipError
+from .gates import GateBank
+from .layer import GatedLayerMixin
+from .plan import ForwardContext, SkipPlan
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma3_text")
+GATE_FILE = "gateskip.safetensors"
+FORMAT_VERSION = 1
+
+
+class GatedCausalLMMixin:
+    """Mixed in before an HF *ForCausalLM class: `forward(..., skip_plan=SkipPlan(...))`.
+
+    Builds the call's ForwardContext (padding, context lengths) from the 2-D attention
+    mask and hands it to the decoder layers; without a plan the model is the original.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, skip_plan: SkipPlan | None = None, **kwargs):
+        if skip_plan is not None:
+            ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            kwargs["skip_ctx"] = ForwardContext.build(
+                skip_plan, self.gate_bank, ref.shape[0], ref.shape[1], attention_mask, past, ref.device
+            )
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _gated_subclass(mixin: type, base: type) -> type:
+    """A subclass of `base` with the mixin's forward. It keeps base's name, because HF
+    writes the class name into config.json as the architecture to load."""
+    if (mixin, base) not in _SUBCLASSES:
+        cls = type(base.__name__, (mixin, base), {"__module__": base.__module__})
+        cls.__qualname__ = f"Gated{base.__name__}"
+        _SUBCLASSES[(mixin, base)] = cls
+    return _SUBCLASSES[(mixin, base)]
+
+
+def _base_class(model: PreTrainedModel) -> type:
+    cls = type(model)
+    return cls.__mro__[2] if is_gated(model) else cls
+
+
+def is_gated(model: torch.nn.Module) -> bool:
+    return isinstance(model, GatedCausalLMMixin)
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(getattr(model, "model", None), "layers"):
+        raise GateSkipError(
+            f"unsupported architecture {model_type or type(model).__name__!r}: gateskip supports decoder-only "
+            f"causal LMs of types {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def add_gates(model: PreTrainedModel, config: GateConfig | None = None) -> PreTrainedModel:
+    """Attach a gate to every gated branch of every decoder layer (in place) and return the model.
+
+    The gates start almost open (bias 5), so a freshly gated model stays close to the original;
+    run it with `model(ids, skip_plan=SkipPlan(budget=...))`.
+    """
+    check_supported(model)
+    if is_gated(model):
+        raise GateSkipError("model already has gates")
+    config = config or GateConfig()
+    layers = decoder_layers(model)
+    param = next(model.parameters())
+    bank = GateBank(len(layers), model.config.hidden_size, config).to(param.device)
+    for layer in layers:
+        layer.__class__ = _gated_subclass(GatedLayerMixin, type(layer))
+    model.__class__ = _gated_subclass(GatedCausalLMMixin, type(model))
+    model.add_module("gate_bank", bank)
+    return model
+
+
+def remove_gates(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo add_gates: the original classes, no gate bank."""
+    if not is_gated(model):
+        return model
+    for layer in decoder_layers(model):
+        layer.__class__ = type(layer).__mro__[2]
+    model.__class__ = _base_class(model)
+    del model.gate_bank
+    return model
+
+
+def _gate_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / GATE_FILE
+
+
+def save_gates(model: PreTrainedModel, path: str | os.PathLike) -> Path:
+    """Write the gates, their configuration and calibrated thresholds to one safetensors file
+    (`path` itself if it ends in .safetensors, else `path/gateskip.safetensors`)."""
+    if not is_gated(model):
+        raise GateSkipError("model has no gates to save")
+    bank: GateBank = model.gate_bank
+    target = _gate_file(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "version": FORMAT_VERSION,
+        "gate_config": bank.config.to_dict(),
+        "num_layers": bank.num_layers,
+        "hidden_size": bank.hidden_size,
+        "model_type": model.config.model_type,
+        "thresholds": bank.thresholds,
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
+    tmp = target.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"gateskip": json.dumps(meta)})
+    os.replace(tmp, target)  # a reader never sees a half-written file
+    return target
+
+
+def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a gate file; a clear error if it is missing or not ours."""
+    target = _gate_file(path)
+    if not target.is_file():
+        raise GateSkipError(f"no gate file at {target}")
+    try:
+        with safe_open(str(target), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["gateskip"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (KeyError, json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error types
+        raise GateSkipError(f"{target} is not a gateskip gate file ({e})") from None
+    return meta, tensors
+
+
+def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:
+    """Rebuild the gates saved by save_gates on `model` (its base). Never loads partially."""
+    meta, tensors = read_gate_file(path)
+    check_supported(model)
+    n_layers, width = len(decoder_layers(model)), model.config.hidden_size
+    if (meta["num_layers"], meta["hidden_size"]) != (n_layers, width):
+        raise GateSkipError(
+            f"gate file {_gate_file(path)} was made for {meta['num_layers']} layers of width {meta['hidden_size']}, "
+            f"but this model has {n_layers} layers of width {width}"
+        )
+    if is_gated(model):
+        remove_gates(model)
+    add_gates(model, GateConfig.from_dict(meta["gate_config"]))
+    try:
+        model.gate_bank.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        remove_gates(model)
+        raise GateSkipError(f"gate file {_gate_file(path)} does not fit this model: {str(e).splitlines()[0]}") from None
+    model.gate_bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}
+    return model

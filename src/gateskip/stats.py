@@ -1,0 +1,61 @@
+"""Skip statistics: what a forward (or a whole generation) computed and skipped.
+
+Counts accumulate as tensors on the model's device, so recording never forces a
+host sync; they are read once, when a report is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class SkipStats:
+    """Counts per gated module. Pass one in a SkipPlan to have it filled in place.
+
+    tokens: valid (non-padding) tokens that went through the model.
+    context: sum over those tokens of the number of keys each attended to.
+    per module key ("attn.3", "mlp.3"): [gate evaluations, skipped, context of skipped].
+    """
+
+    def __init__(self) -> None:
+        self._totals: torch.Tensor | None = None  # [tokens, context]
+        self._modules: dict[str, torch.Tensor] = {}
+        self.forwards = 0
+
+    def record_forward(self, valid: torch.Tensor, context: torch.Tensor) -> None:
+        row = torch.stack([valid.sum(), (context * valid).sum()]).double()
+        self._totals = row if self._totals is None else self._totals + row
+        self.forwards += 1
+
+    def record_module(self, key: str, valid: torch.Tensor, keep: torch.Tensor, context: torch.Tensor) -> None:
+        skipped = valid & ~keep
+        row = torch.stack([valid.sum(), skipped.sum(), (context * skipped).sum()]).double()
+        self._modules[key] = self._modules[key] + row if key in self._modules else row
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self._totals is None else int(self._totals[0].item())
+
+    @property
+    def context(self) -> float:
+        return 0.0 if self._totals is None else float(self._totals[1].item())
+
+    def modules(self) -> dict[str, "ModuleCount"]:
+        out = {}
+        for key, row in self._modules.items():
+            seen, skipped, ctx = row.tolist()
+            out[key] = ModuleCount(int(seen), int(skipped), ctx)
+        return out
+
+    def skip_fraction(self, key: str) -> float:
+        c = self.modules()[key]
+        return c.skipped / c.seen if c.seen else 0.0
+
+
+@dataclass(frozen=True)
+class ModuleCount:
+    seen: int
+    skipped: int
+    skipped_context: float
