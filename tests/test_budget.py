@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from gateskip.budget import QuantileBudget, ThresholdBudget, as_budget
+from gateskip.errors import GateSkipError
+
+
+def test_quantile_skips_the_least_important_tokens_of_each_sequence():
+    imp = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.4, 0.6]])
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    keep = QuantileBudget(0.5).keep(imp, valid, None, "attn.0")
+    assert keep.tolist() == [[True, False, True, False], [False, True, False, True]]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+def test_quantile_skip_count_is_floor_of_ratio_times_valid_tokens(ratio):
+    imp = torch.rand(3, 17)
+    valid = torch.ones(3, 17, dtype=torch.bool)
+    valid[1, 10:] = False  # padding: never kept, never counted
+    keep = QuantileBudget(ratio).keep(imp, valid, None, "mlp.1")
+    for row in range(3):
+        n = int(valid[row].sum())
+        assert int((valid[row] & ~keep[row]).sum()) == math.floor(ratio * n + 1e-9)
+    assert not keep[~valid].any()
+
+
+def test_batch_scope_pools_tokens_across_sequences():
+    imp = torch.tensor([[0.1, 0.2], [0.8, 0.9]])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    keep = QuantileBudget(0.5, scope="batch").keep(imp, valid, None, "attn.0")
+    assert keep.tolist() == [[False, False], [True, True]]
+
+
+def test_protected_tokens_are_never_skipped():
+    imp = torch.tensor([[0.0, 0.5, 0.6, 0.7]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    protect = torch.tensor([[True, False, False, False]])
+    keep = QuantileBudget(0.25).keep(imp, valid, protect, "attn.0")
+    assert keep.tolist() == [[True, False, True, True]]
+
+
+def test_threshold_skips_below_the_module_threshold():
+    imp = torch.tensor([[0.1, 0.5, 0.9]])
+    valid = torch.tensor([[True, True, False]])
+    keep = ThresholdBudget({"attn.0": 0.5}).keep(imp, valid, None, "attn.0")
+    assert keep.tolist() == [[False, True, False]]
+
+
+def test_threshold_without_calibration_for_a_module_is_a_clear_error():
+    with pytest.raises(GateSkipError, match="no calibrated threshold"):
+        ThresholdBudget({}).keep(torch.rand(1, 2), torch.ones(1, 2, dtype=torch.bool), None, "mlp.3")
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half"])
+def test_bad_ratios_are_rejected(bad):
+    with pytest.raises(GateSkipError, match="budget"):
+        as_budget(bad)
+
+
+def test_bad_scope_is_rejected():
+    with pytest.raises(GateSkipError, match="scope"):
+        QuantileBudget(0.5, scope="everything")
