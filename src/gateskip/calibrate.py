@@ -1,0 +1,161 @@
+"""Calibrate importance thresholds, so that a threshold budget skips a target ratio.
+
+A threshold budget (skip iff importance < the module's threshold) is causal and
+batch-independent, which is what cached decoding needs; the thresholds come from
+sample text. The importances at module l depend on what earlier modules skipped, so
+thresholds are set in execution order within one forward over the whole sample: each
+module's threshold is the ratio-quantile of the importances it sees while every
+earlier module already skips with its own calibrated threshold. Replayed on the sample
+under the resulting ThresholdBudget, every module skips exactly its target share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .budget import ThresholdBudget, check_ratio
+from .errors import GateSkipError
+from .model import is_gated, save_gates
+from .plan import SkipPlan
+
+
+def ratio_key(ratio: float) -> str:
+    """How a target ratio is written as a key of `gate_bank.thresholds` ("0.25")."""
+    return f"{check_ratio(ratio):g}"
+
+
+@dataclass(frozen=True)
+class _CalibratingBudget(ThresholdBudget):
+    """A ThresholdBudget that sets a module's threshold the first time it runs, from the
+    importances of that call, then applies it. Modules run in order, so each threshold is
+    measured under the skipping of all earlier modules."""
+
+    def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
+        if key not in self.thresholds:
+            self.thresholds[key] = _quantile_threshold(imp, valid, protect, self.ratio)
+        return super().keep(imp, valid, protect, key)
+
+
+def _quantile_threshold(imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, ratio: float) -> float:
+    """A threshold below which floor(ratio * valid tokens) of the skippable tokens fall.
+
+    Midway between the last skipped and the first kept importance, so unseen text on
+    either side of the boundary is treated evenly.
+    """
+    skippable = valid if protect is None else valid & ~protect
+    values = imp[skippable].double().sort().values
+    k = min(math.floor(ratio * int(valid.sum()) + 1e-9), values.numel())
+    if k == 0:
+        return -math.inf
+    if k == values.numel():
+        return math.inf
+    return float((values[k - 1] + values[k]) / 2)
+
+
+def tokenize_samples(tokenizer, texts: Sequence[str], max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample texts -> (input_ids, attention_mask), right-padded and cut to max_length tokens."""
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise GateSkipError("calibration needs some non-empty sample text")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    samples: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+    ratios: Sequence[float],
+    skip_bos: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Thresholds for each target skip ratio, stored in `model.gate_bank.thresholds` and returned.
+
+    samples: token ids (B, T), or (ids, attention_mask); see tokenize_samples for text. They
+    run as one batch, so every threshold is a quantile over all sample tokens: a few
+    thousand tokens are plenty.
+    """
+    if not is_gated(model):
+        raise GateSkipError("calibration needs a model with gates (add_gates or load_gates first)")
+    ids, mask = samples if isinstance(samples, (tuple, list)) else (samples, None)
+    if ids.numel() == 0 or (mask is not None and int(mask.sum()) == 0):
+        raise GateSkipError("calibration needs at least one sample token")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    mask = None if mask is None else mask.to(device)
+    found = {}
+    for ratio in tqdm(list(ratios), desc="calibrating", unit="ratio", disable=len(ratios) < 2):
+        budget = _CalibratingBudget(thresholds={}, ratio=check_ratio(ratio))
+        model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=budget, skip_bos=skip_bos), logits_to_keep=1)
+        found[ratio_key(ratio)] = dict(budget.thresholds)
+    model.gate_bank.thresholds.update(found)
+    return found
+
+
+def threshold_budget(model, ratio: float) -> ThresholdBudget:
+    """The calibrated ThresholdBudget for a target ratio. Ratio 0 needs no calibration."""
+    ratio = check_ratio(ratio)
+    if not is_gated(model):
+        raise GateSkipError("a threshold budget needs a model with gates")
+    if ratio == 0.0:
+        return ThresholdBudget({k: -math.inf for k in model.gate_bank.module_keys()}, 0.0)
+    stored = model.gate_bank.thresholds
+    key = ratio_key(ratio)
+    if key not in stored:
+        have = ", ".join(sorted(stored, key=float)) or "none"
+        raise GateSkipError(
+            f"budget {key} is not calibrated (calibrated: {have}); run `gateskip calibrate MODEL --gates PATH --ratios {key}`"
+        )
+    return ThresholdBudget(dict(stored[key]), ratio)
+
+
+def default_sample_texts() -> list[str]:
+    """The bundled training text, when the package ships one."""
+    try:
+        from . import textdata
+    except ImportError:
+        raise GateSkipError("no bundled sample text in this install; pass --text FILE") from None
+    return textdata.sample_texts()
+
+
+# CLI ---------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="calibrate importance thresholds for target skip ratios")
+    p.add_argument("model", help="bundled model name, local folder or hub id")
+    p.add_argument("--gates", required=True, help="gate file or folder (thresholds are saved back into it)")
+    p.add_argument("--ratios", type=float, nargs="+", required=True, help="target skip ratios, e.g. 0.25 0.5")
+    p.add_argument("--text", type=Path, help="sample text file (paragraphs separated by blank lines)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sample paragraph")
+    p.add_argument("--max-samples", type=int, default=32, help="number of sample paragraphs")
+    p.set_defaults(func=run)
+
+
+def read_paragraphs(path: Path) -> list[str]:
+    if not path.is_file():
+        raise GateSkipError(f"no text file at {path}")
+    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loading import load_model
+    from .model import load_gates
+
+    texts = read_paragraphs(args.text) if args.text else default_sample_texts()
+    model, tokenizer = load_model(args.model)
+    load_gates(model, args.gates)
+    samples = tokenize_samples(tokenizer, texts[: args.max_samples], args.max_length)
+    found = calibrate(model, samples, args.ratios)
+    path = save_gates(model, args.gates)
+    n = int(samples[1].sum())
+    print(f"calibrated ratios {', '.join(found)} on {n} sample tokens; saved to {path}")
+    return 0
