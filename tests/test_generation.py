@@ -1,13 +1,13 @@
 """Cached decoding under a threshold budget: same tokens and logits as recomputing
 without a cache, through Hugging Face generate (greedy, sampling, stopping, streamers)."""
 
-import math
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from gateskip import GateConfig, SkipPlan, SkipStats, ThresholdBudget, add_gates
+from gateskip import GateConfig, GateSkipError, QuantileBudget, SkipPlan, SkipStats, add_gates
+from gateskip.calibrate import threshold_budget
+from gateskip.generation import generate, reports
 
 torch.set_num_threads(1)
 VOCAB = 61
@@ -39,3 +39,132 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> tup
         mask[i, width - n:] = 1
         ids[i, : width - n] = 0
     return ids, mask
+
+
+def calibrated(family: str = "llama", ratios=(0.25, 0.5), seed: int = 0):
+    from gateskip.calibrate import calibrate
+
+    model = gated_tiny(family, seed=seed)
+    model.generation_config.eos_token_id = None  # random models may emit any token; run to max_new_tokens
+    calibrate(model, random_prompts([48] * 6, seed=100 + seed), list(ratios))
+    return model
+
+
+def recomputed_logits(model, sequences, mask, budget):
+    """Logits of the whole sequence in one forward without a cache, under the same budget."""
+    with torch.no_grad():
+        return model(sequences, attention_mask=mask, skip_plan=SkipPlan(budget=budget), use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+@pytest.mark.parametrize("lengths", [[9], [9, 4, 7]])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_cached_decoding_equals_recomputing_without_cache(family, ratio, lengths, do_sample):
+    model = calibrated(family)
+    ids, mask = random_prompts(lengths, seed=len(lengths))
+    torch.manual_seed(0)
+    gen = generate(model, ids, mask, budget=ratio, max_new_tokens=12, do_sample=do_sample,
+                   return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    new = 12
+    full_mask = torch.cat([mask, torch.ones(len(lengths), new, dtype=mask.dtype)], 1)
+    reference = recomputed_logits(model, gen.sequences, full_mask, threshold_budget(model, ratio))
+    cached = torch.stack(gen.output.logits, 1)  # logits that chose each new token
+    assert torch.allclose(cached, reference[:, -new - 1 : -1], atol=1e-4, rtol=0)
+    if not do_sample:
+        assert torch.equal(gen.sequences[:, -new:], reference[:, -new - 1 : -1].argmax(-1))
+    decoded = gen.decode.modules()
+    assert 0 < sum(c.skipped for c in decoded.values()) < sum(c.seen for c in decoded.values())
+
+
+def count_calls(model, names: list[str]) -> dict[str, int]:
+    """Forward-hook counters on every decoder layer's submodules of these names."""
+    calls = dict.fromkeys(names, 0)
+    for layer in model.model.layers:
+        for name in names:
+            module = layer.get_submodule(name)
+
+            def hook(*_, name=name):
+                calls[name] += 1
+
+            module.register_forward_hook(hook)
+    return calls
+
+
+def test_when_every_token_skips_a_branch_only_the_key_value_projections_run():
+    model = calibrated("llama", ratios=(1.0,))
+    calls = count_calls(model, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp"])
+    ids, mask = random_prompts([6, 3], seed=5)
+    generate(model, ids, mask, budget=1.0, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    layers, forwards = len(model.model.layers), 5
+    assert calls == {"self_attn.q_proj": 0, "self_attn.o_proj": 0, "mlp": 0,
+                     "self_attn.k_proj": layers * forwards, "self_attn.v_proj": layers * forwards}
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_batch_one_decoding_skips_close_to_the_calibrated_ratio(ratio):
+    model = calibrated("qwen2")
+    ids, _ = random_prompts([4], seed=6)
+    torch.manual_seed(1)  # sampled text looks like the random calibration text; greedy text loops
+    gen = generate(model, ids, budget=ratio, max_new_tokens=60, do_sample=True, pad_token_id=0)
+    decoded = gen.decode.modules().values()
+    assert gen.decode.tokens == 59
+    assert abs(sum(c.skipped for c in decoded) / sum(c.seen for c in decoded) - ratio) < 0.08
+
+
+def test_streamers_stopping_criteria_and_reports():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    class StopAtLength(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 12, dtype=torch.bool)
+
+    model = calibrated("llama")
+    ids, _ = random_prompts([7], seed=7)
+    streamer = Collect()
+    gen = generate(model, ids, budget=0.5, max_new_tokens=30, do_sample=False, streamer=streamer,
+                   stopping_criteria=StoppingCriteriaList([StopAtLength()]), pad_token_id=0)
+    assert gen.sequences.shape[1] == 12 and streamer.ended
+    assert streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == gen.sequences[0, 7:].tolist()
+    parts = reports(model, gen.prefill, gen.decode)
+    assert parts["decoding"].tokens == 4 and parts["generation"].tokens == 11
+    assert 0 < parts["decoding"].paper_fraction < 1
+    whole = flop_report_of_one_stats(model, ids, gen.sequences)
+    assert parts["generation"].dense_flops == pytest.approx(whole.dense_flops)
+
+
+def flop_report_of_one_stats(model, prompt, sequences):
+    """The same generation with a single SkipStats for every forward, for cross-checking."""
+    from gateskip import ModelDims, flop_report
+
+    stats = SkipStats()
+    model.generate(prompt, skip_plan=SkipPlan(budget=threshold_budget(model, 0.5), stats=stats),
+                   max_new_tokens=sequences.shape[1] - prompt.shape[1], do_sample=False, pad_token_id=0)
+    return flop_report(stats, ModelDims.from_config(model.config), model.gate_bank.config)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = calibrated("llama", ratios=(0.25,))
+    ids, _ = random_prompts([5])
+    with pytest.raises(GateSkipError, match="not calibrated"):
+        generate(model, ids, budget=0.5, max_new_tokens=2)
+    with pytest.raises(GateSkipError, match=r"\[0, 1\]"):
+        generate(model, ids, budget=-0.5, max_new_tokens=2)
+    with pytest.raises(GateSkipError, match="empty"):
+        generate(model, ids[:, :0], budget=0.25, max_new_tokens=2)
+    with pytest.raises(GateSkipError, match="context is 128"):
+        generate(model, torch.randint(3, VOCAB, (1, 128)), budget=0.25, max_new_tokens=2)
+    with pytest.raises(GateSkipError, match="quantile"):
+        generate(model, ids, budget=QuantileBudget(0.25), max_new_tokens=2)

@@ -1,0 +1,175 @@
+"""Cached decoding that really skips: Hugging Face `generate` on the gated model under a
+calibrated threshold budget, with the skip accounting split into prefill and decoding.
+
+A threshold budget decides per token and per module from that token's own importance,
+so a single-token decode step skips as often as a long prefill does; a skipped
+attention branch still writes the token's K/V (design.md section 1), so the cache
+has no holes and cached decoding equals recomputing the sequence without a cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
+
+from .budget import ThresholdBudget
+from .calibrate import threshold_budget
+from .errors import GateSkipError
+from .flops import FlopReport, ModelDims, flop_report
+from .model import is_gated
+from .plan import SkipPlan
+from .stats import SkipStats
+
+
+def decode_budget(model, budget: float | ThresholdBudget | None) -> ThresholdBudget | None:
+    """A budget that works one token at a time: a calibrated ratio or a ThresholdBudget.
+
+    Quantile budgets rank the tokens of one call, so they never skip a single decoded token.
+    """
+    if not is_gated(model):
+        raise GateSkipError("skipping needs a model with gates (add_gates or load_gates first)")
+    if budget is None or isinstance(budget, ThresholdBudget):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return threshold_budget(model, budget)
+    raise GateSkipError(f"decoding needs a calibrated ratio or a ThresholdBudget, got {budget!r} (quantile budgets do not skip single tokens)")
+
+
+def check_prompt(model, input_ids: torch.Tensor) -> None:
+    """Clear errors for prompts the model cannot continue."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise GateSkipError("the prompt is empty: give at least one token")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and input_ids.shape[1] >= context:
+        raise GateSkipError(f"the prompt has {input_ids.shape[1]} tokens, but the model's context is {context} tokens")
+
+
+class _SplitStatsAfterPrefill(LogitsProcessor):
+    """Called once per forward, after the logits: from the second forward on, the plan
+    records into `decode` instead, so prefill and decoding are reported apart."""
+
+    def __init__(self, plan: SkipPlan, decode: SkipStats):
+        self.plan, self.decode = plan, decode
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.plan.stats = self.decode
+        return scores
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # (B, prompt + new), as HF generate returns them
+    prompt_length: int
+    prefill: SkipStats
+    decode: SkipStats
+    output: object  # what HF generate returned (scores, logits, ... with return_dict_in_generate)
+
+
+def combine(a: FlopReport, b: FlopReport) -> FlopReport:
+    """One report for two parts of a run (every field is a sum; the paper's fraction is
+    per token x module, and each token has the same number of modules)."""
+    tokens = a.tokens + b.tokens
+    fraction = (a.paper_fraction * a.tokens + b.paper_fraction * b.tokens) / tokens if tokens else 0.0
+    return FlopReport(
+        tokens=tokens,
+        paper_fraction=fraction,
+        dense_flops=a.dense_flops + b.dense_flops,
+        skipped_flops=a.skipped_flops + b.skipped_flops,
+        gate_flops=a.gate_flops + b.gate_flops,
+        head_flops=a.head_flops + b.head_flops,
+    )
+
+
+def reports(model, prefill: SkipStats, decode: SkipStats) -> dict[str, FlopReport]:
+    """FLOP reports for the decoded tokens alone and for the whole generation."""
+    dims, config = ModelDims.from_config(model.config), model.gate_bank.config
+    per_token = flop_report(decode, dims, config)
+    return {"decoding": per_token, "generation": combine(flop_report(prefill, dims, config), per_token)}
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    budget: float | ThresholdBudget | None = None,
+    **generate_kwargs,
+) -> Generation:
+    """`model.generate` with skipping at a calibrated budget (batched prompts are left-padded).
+
+    Any HF generation option passes through (do_sample, streamer, stopping_criteria, ...).
+    Budget None runs the gated model without skipping (gates applied).
+    """
+    check_prompt(model, input_ids)
+    prefill, decode = SkipStats(), SkipStats()
+    plan = SkipPlan(budget=decode_budget(model, budget), stats=prefill)
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    processors.append(_SplitStatsAfterPrefill(plan, decode))
+    out = model.generate(input_ids, attention_mask=attention_mask, skip_plan=plan, logits_processor=processors,
+                         **generate_kwargs)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    return Generation(sequences, input_ids.shape[1], prefill, decode, out)
+
+
+# CLI ---------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="stream text from a gated model at a skip budget")
+    p.add_argument("model", help="bundled model name, local folder or hub id")
+    p.add_argument("--gates", required=True, help="gate file or folder (with calibrated thresholds)")
+    p.add_argument("--budget", type=float, default=0.0, help="calibrated target skip ratio (0 = no skipping)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--speculative", type=int, metavar="K", default=0,
+                   help="lossless self-speculative decoding: draft K tokens at --budget, verify at full compute")
+    p.set_defaults(func=run)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GateSkipError("this tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def print_reports(parts: dict[str, FlopReport]) -> None:
+    for name, r in parts.items():
+        label = "per generated token" if name == "decoding" else "whole generation"
+        print(f"{label} ({r.tokens} tokens): {r.summary()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loading import load_model
+    from .model import load_gates
+    from .speculative import speculative_generate
+
+    if args.max_new_tokens < 1:
+        raise GateSkipError("--max-new-tokens must be at least 1")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    load_gates(model, args.gates)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    if args.speculative:
+        result = speculative_generate(model, ids, budget=args.budget, k=args.speculative, max_new_tokens=args.max_new_tokens,
+                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
+        print(result.summary())
+        return 0
+    if not args.sample:
+        sampling = dict(do_sample=False, temperature=None, top_p=None)
+    gen = generate(model, ids, budget=args.budget, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    print_reports(reports(model, gen.prefill, gen.decode))
+    return 0
