@@ -1,0 +1,149 @@
+"""Methods a sweep compares, each one a way to turn a budget into a SkipPlan.
+
+Every method runs through the same gated forward, physical execution and FLOP
+accounting, so the curves are comparable:
+
+- gateskip: the model's own gates rank tokens (per-sequence quantile; calibrated
+  thresholds for decoding when the gate file has them).
+- base: the ungated model (gates not applied, nothing skipped): the reference accuracy.
+- random: the same number of tokens per module skipped, chosen at random: what the
+  gates' ranking is worth.
+- shortgpt: static layer removal (Men et al., 2024): the round(budget * layers) layers
+  with the lowest Block Influence 1 - cos(h_in, h_out) on sample text skip every token.
+
+Baselines run on the backbone with identity gates (scalar, exactly 1.0), so they change
+nothing but which tokens skip, and the gates' cost is not charged to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import QuantileBudget, ThresholdBudget
+from .config import GateConfig
+from .errors import GateSkipError
+from .gates import GateBank
+from .model import decoder_layers
+from .plan import SkipPlan
+from .stats import SkipStats
+
+METHODS = ("gateskip", "base", "random", "shortgpt")
+
+QUANTILE_DECODE = "per-sequence quantile in decoding: single-token steps skip nothing"
+
+# sigmoid(50) is exactly 1.0 in fp32 and bf16: the gate multiplies by one.
+IDENTITY_GATES = GateConfig(kind="scalar", init_std=0.0, init_bias=50.0)
+
+
+def identity_bank(model) -> GateBank:
+    """A gate bank that changes no output; it only lets budgets choose tokens to skip."""
+    param = next(model.parameters())
+    bank = GateBank(len(decoder_layers(model)), model.config.hidden_size, IDENTITY_GATES)
+    return bank.to(device=param.device, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class RandomBudget(QuantileBudget):
+    """A per-sequence quantile budget over random scores: skips exactly as many tokens as
+    the gated quantile budget would, but chosen uniformly at random (seeded)."""
+
+    seed: int = 0
+    generator: torch.Generator = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
+
+    def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
+        scores = torch.rand(imp.shape, generator=self.generator).to(imp.device)
+        return super().keep(scores, valid, protect, key)
+
+
+def layer_budget(module_keys: list[str], removed_layers: list[int], ratio: float) -> ThresholdBudget:
+    """Whole-layer skipping as a threshold budget: +inf skips every token of a module, -inf none."""
+    removed = {str(i) for i in removed_layers}
+    return ThresholdBudget({k: math.inf if k.split(".")[1] in removed else -math.inf for k in module_keys}, ratio)
+
+
+@torch.no_grad()
+def block_influence(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[float]:
+    """Block Influence per decoder layer: mean over real tokens of 1 - cos(layer input, layer output)."""
+    layers = decoder_layers(model)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(index):
+        def capture(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            seen[index] = (h_in.float(), h_out.float())
+        return capture
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    scores = []
+    for i in range(len(layers)):
+        h_in, h_out = seen[i]
+        cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
+        scores.append(float((1 - cos)[valid].mean()))
+    return scores
+
+
+@dataclass
+class Method:
+    """How one method runs at a budget: the gate bank to put on the model and the plans.
+
+    `plans(budget)` returns (scoring plan, generation plan, note); the note says how
+    decode steps were budgeted, which matters for generative tasks.
+    """
+
+    name: str
+    bank: GateBank
+    charge_gates: bool  # whether the gates' FLOPs count against this method
+    layer_order: list[int] | None = None  # shortgpt: layers from least to most influential
+    seed: int = 0
+
+    def plans(self, budget: float, stats: SkipStats) -> tuple[SkipPlan, SkipPlan, str]:
+        if self.name == "base":
+            plan = SkipPlan(budget=None, apply_gates=False, stats=stats)
+            return plan, plan, ""
+        if self.name == "random":
+            plan = SkipPlan(budget=RandomBudget(budget, seed=self.seed), stats=stats)
+            return plan, plan, QUANTILE_DECODE
+        if self.name == "shortgpt":
+            n = round(budget * self.bank.num_layers)
+            plan = SkipPlan(budget=layer_budget(self.bank.module_keys(), self.layer_order[:n], budget), stats=stats)
+            return plan, plan, f"{n} layers removed"
+        score = SkipPlan(budget=budget, stats=stats)
+        key = f"{budget:g}"
+        if budget == 0 or key in self.bank.thresholds:
+            thresholds = {k: -math.inf for k in self.bank.module_keys()} if budget == 0 else self.bank.thresholds[key]
+            return score, SkipPlan(budget=ThresholdBudget(dict(thresholds), budget), stats=stats), "calibrated thresholds in decoding"
+        return score, score, QUANTILE_DECODE + " (no calibrated thresholds for this budget)"
+
+
+def make_method(name: str, model, sample: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> Method:
+    """Build a method for a model that already carries its gates (learned ones for gateskip).
+
+    `sample` (ids, mask) is the text ShortGPT ranks layers on."""
+    if name not in METHODS:
+        raise GateSkipError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name == "gateskip":
+        if getattr(model, "gate_bank", None) is None:
+            raise GateSkipError("method gateskip needs gates: pass --gates PATH (or --fresh-gates KIND)")
+        return Method(name, model.gate_bank, charge_gates=True)
+    bank = identity_bank(model)
+    if name != "shortgpt":
+        return Method(name, bank, charge_gates=False, seed=seed)
+    if sample is None:
+        raise GateSkipError("shortgpt needs sample text to rank layers by Block Influence")
+    scores = block_influence(model, *sample)
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    return Method(name, bank, charge_gates=False, layer_order=order)

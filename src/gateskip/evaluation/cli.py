@@ -1,0 +1,82 @@
+"""`gateskip eval`: load a model once, attach gates, run a compute-accuracy sweep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from ..baselines import IDENTITY_GATES, METHODS, make_method
+from ..config import GATE_KINDS, GateConfig
+from ..errors import GateSkipError
+from ..model import add_gates, load_gates
+from .sweep import FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list, run_sweep, sample_texts
+
+DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="accuracy vs compute sweep through lm-evaluation-harness")
+    p.add_argument("model", help="bundled model name (smollm2-135m), local folder or hub id")
+    gates = p.add_mutually_exclusive_group()
+    gates.add_argument("--gates", help="gate file or folder saved by gateskip (method gateskip)")
+    gates.add_argument("--fresh-gates", choices=GATE_KINDS, help="untrained gates of this kind (a control)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,piqa")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated skip ratios (default {DEFAULT_BUDGETS})")
+    p.add_argument("--method", default="gateskip", help=f"comma-separated methods from {', '.join(METHODS)}")
+    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--out", type=Path, required=True, help="output folder (rerun with the same folder to resume)")
+    p.add_argument("--data", choices=("bundled", "hub"), default="bundled",
+                   help="bundled: offline copies of the standard tasks; hub: lm-eval's own definitions")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation of the backbone (torchao)")
+    p.add_argument("--num-fewshot", type=int, help="override the tasks' number of few-shot examples")
+    p.add_argument("--sample-text", type=Path, help="paragraphs (blank-line separated) ShortGPT ranks layers on")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _sample_batch(tokenizer, path: Path | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(sample_texts(path), return_tensors="pt", padding=True, truncation=True, max_length=256)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data == "bundled":  # the bundled tasks read local files; never wait on the hub for them
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from ..loading import load_model
+
+    methods = parse_list(args.method, "method", METHODS)
+    tasks = parse_list(args.tasks, "task")
+    budgets = parse_budgets(args.budgets)
+    if args.limit is not None and args.limit <= 0:
+        raise GateSkipError(f"--limit must be a positive number of documents, got {args.limit}")
+    if "gateskip" in methods and not (args.gates or args.fresh_gates):
+        raise GateSkipError("method gateskip needs gates: pass --gates PATH or --fresh-gates KIND")
+    if args.gates and not Path(args.gates).exists():
+        raise GateSkipError(f"no gate file at {args.gates}")
+    settings = SweepSettings(model=args.model, gates=args.gates or (f"fresh:{args.fresh_gates}:seed{args.seed}" if args.fresh_gates else None),
+                             limit=args.limit, data=args.data, quantize=args.quantize, num_fewshot=args.num_fewshot, seed=args.seed)
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if args.gates:
+        load_gates(model, args.gates)
+    else:
+        torch.manual_seed(args.seed)
+        add_gates(model, GateConfig(kind=args.fresh_gates) if args.fresh_gates else IDENTITY_GATES)
+    if args.quantize:
+        from ..quantize import quantize_weights
+
+        quantize_weights(model, args.quantize)
+    device = next(model.parameters()).device
+    sample = _sample_batch(tokenizer, args.sample_text, device) if "shortgpt" in methods else None
+    built = {name: make_method(name, model, sample, seed=args.seed) for name in dict.fromkeys(["base", *methods])}
+
+    sweep = Sweep(settings, tasks, budgets, methods, args.out)
+    run_sweep(sweep, model, tokenizer, built)
+    print((args.out / TABLE).read_text())
+    print(f"wrote {args.out / RESULTS}, {args.out / TABLE}, {args.out / FIGURE}")
+    return 0

