@@ -1,0 +1,195 @@
+"""The trainer on a tiny model: it learns, the sparsity term closes gates, modes train what they
+say, an interrupted run resumes to the same parameters, DDP runs, bad inputs fail clearly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import gateskip.train as train_module
+from gateskip import SkipPlan, load_gates
+from gateskip.errors import GateSkipError
+from gateskip.loading import load_model
+from gateskip.textdata import bundled_documents
+from gateskip.train import TrainConfig, batch_indices, main, train
+
+from test_textdata import char_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama with a character tokenizer saved as an HF folder, and a page of Shakespeare."""
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    text = next(doc[0][0] for doc in bundled_documents() if "Prospero" in doc[0][0])
+    (root / "text.txt").write_text(text[:20_000])
+    return {"model": str(root / "model"), "text": str(root / "text.txt")}
+
+
+def config(assets, run_dir, **overrides) -> TrainConfig:
+    base = dict(model=assets["model"], data=[assets["text"]], out=str(run_dir), steps=30, seq_len=32, batch_size=4,
+                lr=1e-3, gate_lr=1e-2, sparsity_weight=1.0, ramp_steps=10, eval_blocks=4)
+    return TrainConfig(**{**base, **overrides})
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_tensors(out) -> dict[str, torch.Tensor]:
+    [ckpt] = sorted((Path(out) / "checkpoints").glob("step-*"))[-1:]
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_loss_falls_and_the_sparsity_weight_closes_gates(assets, tmp_path):
+    train(config(assets, tmp_path / "sparse", sparsity_weight=1.0))
+    train(config(assets, tmp_path / "dense", sparsity_weight=0.0))
+    sparse, dense = (([m for m in metrics(tmp_path / r) if "lm" in m]) for r in ("sparse", "dense"))
+    first = sum(m["lm"] for m in sparse[:5]) / 5
+    last = sum(m["lm"] for m in sparse[-5:]) / 5
+    assert last < first - 0.3
+    assert sparse[-1]["mean_gate"] < sparse[0]["mean_gate"] - 0.3
+    assert dense[-1]["mean_gate"] > sparse[-1]["mean_gate"] + 0.3
+    assert sparse[-1]["skip_ratio"] == pytest.approx(0.2)
+    val = [m for m in metrics(tmp_path / "sparse") if "val_loss" in m]
+    assert val and val[-1]["val_skip_ratio"] == 0.2 and val[-1]["val_ppl"] > 1
+
+
+def test_skip_ratio_ramps_linearly_then_holds():
+    cfg = TrainConfig(steps=100, ramp_steps=10, target_skip=0.3)
+    assert [cfg.skip_ratio(s) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 0.15, 0.3, 0.3])
+    assert TrainConfig(steps=100).ramp_steps == 50
+
+
+def test_processes_read_disjoint_batches_and_the_order_depends_only_on_the_step():
+    cfg = TrainConfig(batch_size=3, grad_accum=2, seed=1)
+    a = batch_indices(cfg, 50, step=4, micro=1, rank=0, world=2)
+    b = batch_indices(cfg, 50, step=4, micro=1, rank=1, world=2)
+    assert not set(a.tolist()) & set(b.tolist())
+    assert torch.equal(a, batch_indices(cfg, 50, step=4, micro=1, rank=0, world=2))
+
+
+def test_frozen_mode_changes_only_gates(assets, tmp_path):
+    final = train(config(assets, tmp_path, mode="frozen", steps=5, save_every=5))
+    assert sorted(p.name for p in final.iterdir()) == ["gateskip.safetensors", "train_config.json"]
+    original = load_file(Path(assets["model"]) / "model.safetensors")
+    trained = checkpoint_tensors(tmp_path)
+    for name, tensor in original.items():
+        assert torch.equal(trained[name], tensor), name
+    biases = [t for n, t in trained.items() if n.startswith("gate_bank.") and n.endswith("up.bias")]
+    assert biases and all(not torch.allclose(b, torch.full_like(b, 5.0)) for b in biases)
+
+
+def test_lora_mode_changes_only_gates_and_adapters(assets, tmp_path):
+    final = train(config(assets, tmp_path, mode="lora", steps=5, save_every=5, lora_rank=4))
+    original = load_file(Path(assets["model"]) / "model.safetensors")
+    trained = checkpoint_tensors(tmp_path)
+    adapters = {n: t for n, t in trained.items() if "lora_" in n}
+    assert any("lora_B" in n and t.abs().sum() > 0 for n, t in adapters.items())  # B starts at zero
+    backbone = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+                for n, t in trained.items() if "lora_" not in n and "gate_bank." not in n}
+    assert backbone.keys() == original.keys()
+    assert all(torch.equal(backbone[n], t) for n, t in original.items())
+    gate_biases = [t for n, t in trained.items() if "gate_bank." in n and n.endswith("up.bias")]
+    assert gate_biases and all(not torch.allclose(b, torch.full_like(b, 5.0)) for b in gate_biases)
+    # The export merges the adapters: a plain HF folder plus gates, which the core loads.
+    model, _ = load_model(str(final))
+    load_gates(model, final)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, original["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _fail_at(monkeypatch, at_step: int, error: type[BaseException]):
+    real = train_module.train_step
+
+    def step(accelerator, model, optimizer, scheduler, blocks, cfg, step, teacher):
+        if step == at_step:
+            raise error("simulated interruption")
+        return real(accelerator, model, optimizer, scheduler, blocks, cfg, step, teacher)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+
+
+@pytest.mark.parametrize("error, save_every", [(RuntimeError, 3), (KeyboardInterrupt, 0)])
+def test_interrupted_and_resumed_run_ends_with_the_same_parameters(assets, tmp_path, monkeypatch, error, save_every):
+    """A crash after a periodic checkpoint, or Ctrl-C (which saves the last finished step)."""
+    common = dict(steps=7, grad_accum=2, save_every=save_every, distill_weight=0.5, ramp_steps=4, warmup_steps=2)
+    whole = train(config(assets, tmp_path / "whole", **common))
+    with monkeypatch.context() as m:
+        _fail_at(m, at_step=5, error=error)
+        with pytest.raises(error):
+            train(config(assets, tmp_path / "cut", **common))
+    (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000006").mkdir()  # a save killed half-way is ignored
+    resumed = train(config(assets, tmp_path / "cut", resume=True, **common))
+    for name in ("model.safetensors", "gateskip.safetensors"):
+        a, b = load_file(whole / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps_logged = [m["step"] for m in metrics(tmp_path / "cut") if "lm" in m]
+    assert steps_logged == list(range(1, 8))  # nothing logged twice after the resume
+
+
+def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_model(assets, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gateskip.train", assets["model"],
+           "--data", assets["text"], "--out", str(out), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
+           "--eval-blocks", "4", "--save-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, tok = load_model(str(out / "final"))
+    load_gates(model, out / "final")
+    ids = torch.tensor([tok("To be, or not to be")["input_ids"]])
+    assert torch.isfinite(model(ids, skip_plan=SkipPlan(budget=0.2)).logits).all()
+    tokens = [m["tokens_per_s"] for m in metrics(out) if "lm" in m]
+    assert len(tokens) == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (lambda p: dict(data=[str(p / "missing.txt")]), "training data not found"),
+        (lambda p: dict(data=[str(p / "empty.txt")]), "holds no text"),
+        (lambda p: dict(seq_len=512), "exceeds the model's context of 128"),
+        (lambda p: dict(out=str(p / "file" / "run")), "not writable"),
+        (lambda p: dict(resume=True), "nothing to resume"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(assets, tmp_path, overrides, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(GateSkipError, match=message):
+        train(config(assets, tmp_path / "run", **overrides(tmp_path)))
+
+
+def test_unknown_loss_kind_and_mode_are_refused_before_any_work():
+    with pytest.raises(GateSkipError, match="unknown sparsity loss 'l3'"):
+        TrainConfig(sparsity_loss="l3")
+    with pytest.raises(GateSkipError, match="unknown mode 'half'"):
+        TrainConfig(mode="half")
+
+
+def test_command_line_prints_one_line_errors(assets, tmp_path, capsys):
+    code = main([assets["model"], "--data", assets["text"], "--out", str(tmp_path), "--resume"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: nothing to resume")
+
+
+def test_a_second_run_into_the_same_folder_is_refused(assets, tmp_path):
+    train(config(assets, tmp_path, steps=2, save_every=2))
+    with pytest.raises(GateSkipError, match="--resume"):
+        train(config(assets, tmp_path, steps=2))
+    with pytest.raises(GateSkipError, match="options changed since it started: seq_len"):
+        train(config(assets, tmp_path, steps=4, seq_len=16, resume=True))
