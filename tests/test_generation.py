@@ -41,12 +41,12 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> tup
     return ids, mask
 
 
-def calibrated(family: str = "llama", ratios=(0.25, 0.5), seed: int = 0):
+def calibrated(family: str = "llama", ratios=(0.25, 0.5), seed: int = 0, vocab: int = VOCAB):
     from gateskip.calibrate import calibrate
 
-    model = gated_tiny(family, seed=seed)
+    model = gated_tiny(family, seed=seed, vocab=vocab)
     model.generation_config.eos_token_id = None  # random models may emit any token; run to max_new_tokens
-    calibrate(model, random_prompts([48] * 6, seed=100 + seed), list(ratios))
+    calibrate(model, random_prompts([48] * 6, seed=100 + seed, vocab=vocab), list(ratios))
     return model
 
 
