@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (rerun with the same folder to resume)")
     p.add_argument("--data", choices=("bundled", "hub"), default="bundled",
                    help="bundled: offline copies of the standard tasks; hub: lm-eval's own definitions")
+    p.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="lm-eval batch size (1 = no padding; larger batches count right-padding as tokens)")
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation of the backbone (torchao)")
     p.add_argument("--num-fewshot", type=int, help="override the tasks' number of few-shot examples")
     p.add_argument("--sample-text", type=Path, help="paragraphs (blank-line separated) ShortGPT ranks layers on")
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     sample = _sample_batch(tokenizer, args.sample_text, device) if "shortgpt" in methods else None
     built = {name: make_method(name, model, sample, seed=args.seed) for name in dict.fromkeys(["base", *methods])}
 
-    sweep = Sweep(settings, tasks, budgets, methods, args.out)
+    sweep = Sweep(settings, tasks, budgets, methods, args.out, batch_size=args.batch_size, include=args.include_path)
     run_sweep(sweep, model, tokenizer, built)
     print((args.out / TABLE).read_text())
     print(f"wrote {args.out / RESULTS}, {args.out / TABLE}, {args.out / FIGURE}")

@@ -56,6 +56,7 @@ class Sweep:
     methods: list[str]
     out: Path
     batch_size: int = 1
+    include: Path | None = None  # folder of the user's own lm-eval task YAMLs
     records: list[dict] = field(default_factory=list)
 
 
@@ -171,7 +172,7 @@ def run_sweep(sweep: Sweep, model, tokenizer, methods: dict[str, Method]) -> lis
 
     sweep.records = load_records(sweep.out, sweep.settings)
     done = {(r["method"], r["budget"], r["task"]) for r in sweep.records}
-    manager = task_manager(sweep.tasks, sweep.settings.data, sweep.out / "tasks")
+    manager = task_manager(sweep.tasks, sweep.settings.data, sweep.out / "tasks", sweep.include)
     lm = GatedLM(model, tokenizer, batch_size=sweep.batch_size)
     dims = ModelDims.from_config(model.config)
     todo = [(m, b, t) for m, b in points(sweep) for t in sweep.tasks if (m, b, t) not in done]

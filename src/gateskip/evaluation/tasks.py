@@ -97,24 +97,30 @@ def render_tasks(names: list[str], folder: str | os.PathLike) -> Path:
     return folder
 
 
-def task_manager(names: list[str], source: str, folder: str | os.PathLike):
-    """An lm-eval TaskManager that knows `names`, with the bundled copies first when source="bundled".
-
-    Raises a one-line error for a name lm-eval does not know."""
+def task_manager(names: list[str], source: str, folder: str | os.PathLike, include: str | os.PathLike | None = None):
+    """An lm-eval TaskManager that knows `names`: the bundled copies (rendered into `folder`)
+    override lm-eval's hub definitions when source="bundled"; `include` is a folder of the
+    user's own task YAMLs. Raises a one-line error for a name lm-eval does not know."""
     from lm_eval.tasks import TaskManager
 
     if source not in SOURCES:
         raise GateSkipError(f"--data must be one of {', '.join(SOURCES)}, got {source!r}")
-    include = render_tasks(names, folder) if source == "bundled" else None
+    paths = [str(render_tasks(names, folder))] if source == "bundled" else []
+    if include is not None:
+        if not Path(include).is_dir():
+            raise GateSkipError(f"task include folder {include} does not exist")
+        paths.append(str(include))
     index_log = logging.getLogger("lm_eval.tasks._index")
     level = index_log.level
     index_log.setLevel(logging.ERROR)  # one "overrides existing task" line per bundled task is noise
     try:
-        manager = TaskManager(include_path=str(include) if include else None)
+        # Indexing lm-eval's thousands of task files takes ~10 s: only do it for names not found locally.
+        manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+        if manager is None or any(n not in manager.all_tasks for n in names):
+            manager = TaskManager(include_path=paths or None)
     finally:
         index_log.setLevel(level)
-    known = set(manager.all_tasks)
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise GateSkipError(
             f"unknown task {', '.join(map(repr, unknown))}; bundled offline tasks: {', '.join(BUNDLED_TASKS)} "

@@ -1,0 +1,89 @@
+"""Baselines: each runs through the gated forward and skips what it was asked to."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import padded_batch, tiny_model
+from gateskip import GateConfig, ModelDims, SkipStats, add_gates, flop_report
+from gateskip.baselines import RandomBudget, block_influence, identity_bank, make_method
+from gateskip import GateSkipError
+
+
+def gated(seed=0):
+    return add_gates(tiny_model(seed=seed), GateConfig(kind="vector"))
+
+
+def run(model, method, budget, ids, mask):
+    stats = SkipStats()
+    model.gate_bank = method.bank
+    plan, _, _ = method.plans(budget, stats)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, skip_plan=plan).logits
+    return logits, flop_report(stats, ModelDims.from_config(model.config), None)
+
+
+def test_identity_gates_change_nothing():
+    model = gated()
+    ids, mask = padded_batch([12, 9], 12)
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+    logits, report = run(model, make_method("random", model), 0.0, ids, mask)
+    assert torch.equal(logits * mask[..., None], reference * mask[..., None])
+    assert report.paper_fraction == 0.0
+
+
+@pytest.mark.parametrize("name", ["random", "shortgpt"])
+@pytest.mark.parametrize("budget", [1 / 3, 2 / 3])
+def test_baseline_skips_the_fraction_asked_for(name, budget):
+    model = gated()
+    ids, mask = padded_batch([30, 30], 30)
+    method = make_method(name, model, sample=(ids, mask))
+    _, report = run(model, method, budget, ids, mask)
+    assert report.paper_fraction == pytest.approx(budget, abs=0.02)  # 1/3 of 30 tokens, 1 of 3 layers
+    assert report.net_saving > 0
+
+
+def test_base_skips_nothing_and_applies_no_gates():
+    model = gated()
+    ids, mask = padded_batch([10], 10)
+    with torch.no_grad():
+        reference = model(ids).logits
+    logits, report = run(model, make_method("base", model), 0.5, ids, mask)
+    assert torch.equal(logits, reference) and report.paper_fraction == 0.0
+
+
+def test_shortgpt_removes_the_least_influential_layers_first():
+    model = gated()
+    ids, mask = padded_batch([20, 20], 20)
+    scores = block_influence(model, ids, mask)
+    method = make_method("shortgpt", model, sample=(ids, mask))
+    assert method.layer_order == sorted(range(3), key=lambda i: scores[i])
+    plan, _, note = method.plans(1 / 3, SkipStats())
+    removed = method.layer_order[0]
+    assert plan.budget.thresholds[f"mlp.{removed}"] == math.inf and note == "1 layers removed"
+    assert all(v == -math.inf for k, v in plan.budget.thresholds.items() if int(k.split(".")[1]) != removed)
+
+
+def test_random_budget_is_seeded():
+    imp = torch.zeros(2, 16)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    a = RandomBudget(0.5, seed=3).keep(imp, valid, None, "attn.0")
+    b = RandomBudget(0.5, seed=3).keep(imp, valid, None, "attn.0")
+    c = RandomBudget(0.5, seed=4).keep(imp, valid, None, "attn.0")
+    assert torch.equal(a, b) and not torch.equal(a, c) and int((~a).sum()) == 16
+
+
+def test_gateskip_method_needs_gates_and_unknown_methods_fail():
+    model = tiny_model()
+    with pytest.raises(GateSkipError, match="needs gates"):
+        make_method("gateskip", model)
+    with pytest.raises(GateSkipError, match="unknown method 'mod'"):
+        make_method("mod", gated())
+
+
+def test_identity_bank_is_exactly_one():
+    bank = identity_bank(gated())
+    x = torch.randn(2, 5, 64) * 100
+    assert torch.equal(bank.get("attn", 0)(x), torch.ones(2, 5, 1))

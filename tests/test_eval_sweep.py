@@ -1,0 +1,154 @@
+"""Sweeps end to end on a tiny model and a tiny local task: files, schema, budgets, resume, errors."""
+
+import argparse
+import json
+
+import lm_eval
+import pytest
+from datasets import Dataset
+
+from conftest import tiny_model
+from gateskip import GateSkipError
+from gateskip.evaluation import cli
+from gateskip.evaluation.sweep import FIGURE, RECORD_KEYS, RESULTS, TABLE, parse_budgets
+from test_eval_harness import char_tokenizer
+
+TASK_YAML = """task: tiny_mc
+dataset_path: arrow
+dataset_kwargs:
+  data_files:
+    validation: {arrow}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "question: {{{{q}}}} answer:"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    """A 6-question multiple-choice task in a local Arrow file, and the folder of its YAML."""
+    questions = ["what is one plus one", "what color is the sky", "what do cats say",
+                 "how many legs has a dog", "what is two times three", "is ice cold"]
+    choices = [["two", "three"], ["blue", "red"], ["meow", "moo"], ["four", "six"], ["six", "five"], ["yes", "no"]]
+    data = tmp_path / "data"
+    Dataset.from_dict({"q": questions, "choices": choices, "label": [0] * 6}).save_to_disk(str(data))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(arrow=next(data.glob("*.arrow"))))
+    return tasks
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "tiny-model"
+    tiny_model().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def eval_args(model_dir, tasks, out, *extra):
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    return parser.parse_args(["eval", str(model_dir), "--tasks", "tiny_mc", "--include-path", str(tasks),
+                              "--out", str(out), "--limit", "6", *extra])
+
+
+@pytest.fixture
+def sample_text(tmp_path):
+    path = tmp_path / "sample.txt"
+    path.write_text("the sky is blue and the sea is green.\n\none plus one is two, two plus two is four.\n")
+    return path
+
+
+def test_sweep_writes_results_table_and_plot(model_dir, tiny_task, tmp_path, sample_text):
+    out = tmp_path / "sweep"
+    args = eval_args(model_dir, tiny_task, out, "--fresh-gates", "vector", "--budgets", "0,0.25,0.5",
+                     "--method", "gateskip,random,shortgpt", "--sample-text", str(sample_text))
+    assert cli.run(args) == 0
+
+    saved = json.loads((out / RESULTS).read_text())
+    records = saved["records"]
+    assert saved["settings"]["limit"] == 6
+    for r in records:
+        assert set(r) == set(RECORD_KEYS)
+        assert isinstance(r["value"], float) and 0.0 <= r["value"] <= 1.0
+        assert 0.0 <= r["skip_fraction"] <= 1.0
+    acc = [r for r in records if r["metric"] == "acc"]
+    points = {(r["method"], r["budget"]) for r in acc}
+    assert points == {("base", 0.0)} | {(m, b) for m in ("gateskip", "random", "shortgpt") for b in (0.0, 0.25, 0.5)}
+    for r in acc:
+        if r["method"] in ("gateskip", "random"):  # per-sequence quantile: floor(budget * tokens) per sequence
+            assert r["skip_fraction"] == pytest.approx(r["budget"], abs=0.06)
+        if r["method"] == "shortgpt":  # whole layers out of 3
+            assert r["skip_fraction"] == pytest.approx(round(r["budget"] * 3) / 3)
+        if r["budget"] > 0:
+            assert r["net_saving"] > 0 or r["method"] == "gateskip"  # vector gates cost 2d^2 per token
+    table = (out / TABLE).read_text()
+    assert "| tiny_mc | shortgpt | 0.5 |" in table and "saved at 90% of base" in table
+    assert (out / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_sweep_resumes_without_recomputing(model_dir, tiny_task, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    real = lm_eval.simple_evaluate
+    calls = []
+
+    def interrupt_on_third(*a, **k):
+        calls.append(k["tasks"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", interrupt_on_third)
+    args = eval_args(model_dir, tiny_task, out, "--method", "random", "--budgets", "0,0.3,0.6")
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(args)
+    first = json.loads((out / RESULTS).read_text())["records"]
+    assert {(r["method"], r["budget"]) for r in first} == {("base", 0.0), ("random", 0.0)}
+
+    calls.clear()
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli.run(args) == 0
+    assert len(calls) == 2  # only random at 0.3 and 0.6
+    final = json.loads((out / RESULTS).read_text())["records"]
+    assert {(r["method"], r["budget"]) for r in final} == {("base", 0.0)} | {("random", b) for b in (0.0, 0.3, 0.6)}
+    assert final[: len(first)] == first
+
+
+def test_resume_refuses_a_sweep_with_other_settings(model_dir, tiny_task, tmp_path):
+    out = tmp_path / "sweep"
+    assert cli.run(eval_args(model_dir, tiny_task, out, "--method", "base", "--budgets", "0")) == 0
+    args = eval_args(model_dir, tiny_task, out, "--method", "base", "--budgets", "0")
+    args.limit = 3
+    with pytest.raises(GateSkipError, match="other settings"):
+        cli.run(args)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "early_exit"], "unknown method 'early_exit'"),
+    (["--budgets", ""], "budget list is empty"),
+    (["--budgets", "0,1.5"], r"budget must be a skip ratio in \[0, 1\]"),
+    (["--budgets", "0,lots"], "not a number"),
+    (["--method", "gateskip"], "needs gates"),
+    (["--gates", "/nonexistent/gates.safetensors"], "no gate file"),
+])
+def test_bad_inputs_give_one_line_errors(model_dir, tiny_task, tmp_path, extra, message):
+    with pytest.raises(GateSkipError, match=message):
+        cli.run(eval_args(model_dir, tiny_task, tmp_path / "out", *extra))
+
+
+def test_unknown_task_is_named(model_dir, tiny_task, tmp_path):
+    args = eval_args(model_dir, tiny_task, tmp_path / "out", "--method", "base")
+    args.tasks = "tiny_mc,no_such_task"
+    with pytest.raises(GateSkipError, match="unknown task 'no_such_task'"):
+        cli.run(args)
+
+
+def test_parse_budgets_sorts_and_deduplicates():
+    assert parse_budgets("0.5, 0,0.25,0.5") == [0.0, 0.25, 0.5]
