@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo
+from . import baselines, calibrate, demo, generation, train
+from .evaluation import cli as evaluation
 from .errors import GateSkipError
 
-COMMANDS = (demo,)
+COMMANDS = (demo, train, calibrate, generation, evaluation, baselines)
 
 
 def build_parser() -> argparse.ArgumentParser:
