@@ -1,5 +1,6 @@
 """Baselines: each runs through the gated forward and skips what it was asked to."""
 
+import copy
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from conftest import padded_batch, tiny_model
 from gateskip import GateConfig, ModelDims, SkipStats, add_gates, flop_report
-from gateskip.baselines import RandomBudget, block_influence, identity_bank, make_method
 from gateskip import GateSkipError
+from gateskip.baselines import RandomBudget, block_influence, identity_bank, least_influential, make_method, remove_layers
 
 
 def gated(seed=0):
@@ -87,3 +88,26 @@ def test_identity_bank_is_exactly_one():
     bank = identity_bank(gated())
     x = torch.randn(2, 5, 64) * 100
     assert torch.equal(bank.get("attn", 0)(x), torch.ones(2, 5, 1))
+
+
+def test_pruning_equals_skipping_the_same_layers():
+    """ShortGPT as a skip plan (every token skips both branches) and real layer removal agree."""
+    pruned = tiny_model()
+    skipping = add_gates(copy.deepcopy(pruned))
+    ids, mask = padded_batch([14, 14], 14)
+    method = make_method("shortgpt", skipping, sample=(ids, mask))
+    skipped, report = run(skipping, method, 1 / 3, ids, mask)
+    removed = least_influential(pruned, (ids, mask), 1)
+    assert removed == method.layer_order[:1]
+    remove_layers(pruned, removed)
+    assert pruned.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in pruned.model.layers] == [0, 1]
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids, attention_mask=mask).logits, skipped, atol=1e-5)
+    assert report.paper_fraction == pytest.approx(1 / 3)
+
+
+def test_remove_layers_refuses_bad_requests():
+    with pytest.raises(GateSkipError, match="before adding gates"):
+        remove_layers(gated(), [0])
+    with pytest.raises(GateSkipError, match="cannot remove layers"):
+        remove_layers(tiny_model(), [0, 1, 2])

@@ -30,6 +30,26 @@ metric_list:
 """
 
 
+GEN_YAML = """task: tiny_gen
+dataset_path: arrow
+dataset_kwargs:
+  data_files:
+    validation: {arrow}
+output_type: generate_until
+validation_split: validation
+doc_to_text: "question: {{{{q}}}} answer:"
+doc_to_target: "{{{{choices[0]}}}}"
+generation_kwargs:
+  until: ["#"]
+  do_sample: false
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
 @pytest.fixture
 def tiny_task(tmp_path):
     """A 6-question multiple-choice task in a local Arrow file, and the folder of its YAML."""
@@ -40,7 +60,9 @@ def tiny_task(tmp_path):
     Dataset.from_dict({"q": questions, "choices": choices, "label": [0] * 6}).save_to_disk(str(data))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(arrow=next(data.glob("*.arrow"))))
+    arrow = next(data.glob("*.arrow"))
+    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(arrow=arrow))
+    (tasks / "tiny_gen.yaml").write_text(GEN_YAML.format(arrow=arrow))
     return tasks
 
 
@@ -92,6 +114,24 @@ def test_sweep_writes_results_table_and_plot(model_dir, tiny_task, tmp_path, sam
     table = (out / TABLE).read_text()
     assert "| tiny_mc | shortgpt | 0.5 |" in table and "saved at 90% of base" in table
     assert (out / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generative_task_skips_in_decoding_only_when_calibrated(model_dir, tiny_task, tmp_path, sample_text):
+    points = {}
+    for calibrate in (True, False):
+        out = tmp_path / f"calibrated-{calibrate}"
+        args = eval_args(model_dir, tiny_task, out, "--fresh-gates", "vector", "--method", "gateskip", "--budgets", "0.5",
+                         "--sample-text", str(sample_text), *(["--calibrate"] if calibrate else []))
+        args.tasks = "tiny_gen"
+        assert cli.run(args) == 0
+        records = json.loads((out / RESULTS).read_text())["records"]
+        (points[calibrate],) = [r for r in records if r["method"] == "gateskip" and r["metric"] == "exact_match"]
+    assert points[True]["decode"] == "calibrated thresholds in decoding"
+    assert "single-token steps skip nothing" in points[False]["decode"]
+    # 6 generated tokens (the stop string never occurs): uncalibrated, only the prompt's tokens skip
+    assert 0.2 < points[True]["skip_fraction"] < 0.8  # thresholds from other text: near the target, not at it
+    assert points[False]["skip_fraction"] < 0.5 * 0.9
+    assert points[True]["skip_fraction"] > points[False]["skip_fraction"] + 0.03
 
 
 def test_interrupted_sweep_resumes_without_recomputing(model_dir, tiny_task, tmp_path, monkeypatch):

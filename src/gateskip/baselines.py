@@ -10,6 +10,7 @@ accounting, so the curves are comparable:
   gates' ranking is worth.
 - shortgpt: static layer removal (Men et al., 2024): the round(budget * layers) layers
   with the lowest Block Influence 1 - cos(h_in, h_out) on sample text skip every token.
+  `remove_layers` / `gateskip prune` delete them for real, e.g. before training gates.
 
 Baselines run on the backbone with identity gates (scalar, exactly 1.0), so they change
 nothing but which tokens skip, and the gates' cost is not charged to them.
@@ -17,16 +18,20 @@ nothing but which tokens skip, and the gates' cost is not charged to them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .budget import QuantileBudget, ThresholdBudget
+from .calibrate import ratio_key
 from .config import GateConfig
 from .errors import GateSkipError
 from .gates import GateBank
-from .model import decoder_layers
+from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
 
@@ -122,7 +127,7 @@ class Method:
             plan = SkipPlan(budget=layer_budget(self.bank.module_keys(), self.layer_order[:n], budget), stats=stats)
             return plan, plan, f"{n} layers removed"
         score = SkipPlan(budget=budget, stats=stats)
-        key = f"{budget:g}"
+        key = ratio_key(budget)
         if budget == 0 or key in self.bank.thresholds:
             thresholds = {k: -math.inf for k in self.bank.module_keys()} if budget == 0 else self.bank.thresholds[key]
             return score, SkipPlan(budget=ThresholdBudget(dict(thresholds), budget), stats=stats), "calibrated thresholds in decoding"
@@ -144,6 +149,65 @@ def make_method(name: str, model, sample: tuple[torch.Tensor, torch.Tensor] | No
         return Method(name, bank, charge_gates=False, seed=seed)
     if sample is None:
         raise GateSkipError("shortgpt needs sample text to rank layers by Block Influence")
-    scores = block_influence(model, *sample)
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    order = least_influential(model, sample, len(decoder_layers(model)))
     return Method(name, bank, charge_gates=False, layer_order=order)
+
+
+def least_influential(model, sample: tuple[torch.Tensor, torch.Tensor], count: int) -> list[int]:
+    """The `count` layers with the lowest Block Influence on the sample, least influential first."""
+    scores = block_influence(model, *sample)
+    return sorted(range(len(scores)), key=lambda i: scores[i])[:count]
+
+
+def remove_layers(model, layers: list[int]):
+    """Delete decoder layers in place (ShortGPT pruning) and renumber the rest; returns the model.
+
+    Prune before adding gates: the gates belong to the layers that remain."""
+    if is_gated(model):
+        raise GateSkipError("remove layers before adding gates (the gate bank is sized for the original depth)")
+    old = decoder_layers(model)
+    drop = set(layers)
+    if not drop <= set(range(len(old))) or len(drop) >= len(old):
+        raise GateSkipError(f"cannot remove layers {sorted(drop)} from a model with {len(old)} layers")
+    model.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(old) if i not in drop)
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.self_attn.layer_idx = i
+    types = getattr(model.config, "layer_types", None)
+    if types:
+        model.config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+    model.config.num_hidden_layers = len(model.model.layers)
+    return model
+
+
+# CLI ---------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="remove the least influential layers (ShortGPT) and save the model")
+    p.add_argument("model", help="bundled model name, local folder or hub id")
+    p.add_argument("--ratio", type=float, required=True, help="share of layers to remove, e.g. 0.25")
+    p.add_argument("--out", type=Path, required=True, help="folder for the pruned model (then: gateskip train OUT)")
+    p.add_argument("--sample-text", type=Path, help="paragraphs (blank-line separated) to rank layers on")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .evaluation.sweep import sample_texts
+    from .loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    count = round(check_share(args.ratio) * model.config.num_hidden_layers)
+    enc = tokenizer(sample_texts(args.sample_text), return_tensors="pt", padding=True, truncation=True, max_length=256)
+    removed = least_influential(model, (enc["input_ids"], enc["attention_mask"]), count)
+    remove_layers(model, removed)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    (args.out / "gateskip-pruned.json").write_text(json.dumps({"source": args.model, "removed_layers": sorted(removed)}))
+    print(f"removed layers {sorted(removed)}; saved {model.config.num_hidden_layers} layers to {args.out}")
+    return 0
+
+
+def check_share(ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise GateSkipError(f"--ratio must be in [0, 1), got {ratio}")
+    return ratio

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..baselines import IDENTITY_GATES, METHODS, make_method
+from ..calibrate import calibrate
 from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
 from ..model import add_gates, load_gates
@@ -35,7 +36,12 @@ def register(subparsers) -> None:
                    help="lm-eval batch size (1 = no padding; larger batches count right-padding as tokens)")
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation of the backbone (torchao)")
     p.add_argument("--num-fewshot", type=int, help="override the tasks' number of few-shot examples")
-    p.add_argument("--sample-text", type=Path, help="paragraphs (blank-line separated) ShortGPT ranks layers on")
+    p.add_argument("--sample-text", type=Path,
+                   help="paragraphs (blank-line separated) for ShortGPT's layer ranking and --calibrate "
+                        "(default: bundled SQuAD passages)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate importance thresholds at the swept budgets on the sample text first, so that "
+                        "generative tasks skip in decode steps too (kept in memory, not written to the gate file)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -61,8 +67,11 @@ def run(args: argparse.Namespace) -> int:
         raise GateSkipError("method gateskip needs gates: pass --gates PATH or --fresh-gates KIND")
     if args.gates and not Path(args.gates).exists():
         raise GateSkipError(f"no gate file at {args.gates}")
-    settings = SweepSettings(model=args.model, gates=args.gates or (f"fresh:{args.fresh_gates}:seed{args.seed}" if args.fresh_gates else None),
-                             limit=args.limit, data=args.data, quantize=args.quantize, num_fewshot=args.num_fewshot, seed=args.seed)
+    if args.calibrate and "gateskip" not in methods:
+        raise GateSkipError("--calibrate sets thresholds for the gateskip method; add it to --method")
+    gates = args.gates or (f"fresh:{args.fresh_gates}:seed{args.seed}" if args.fresh_gates else None)
+    settings = SweepSettings(model=args.model, gates=gates, limit=args.limit, data=args.data, quantize=args.quantize,
+                             num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate)
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.gates:
@@ -75,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
         quantize_weights(model, args.quantize)
     device = next(model.parameters()).device
-    sample = _sample_batch(tokenizer, args.sample_text, device) if "shortgpt" in methods else None
+    sample = _sample_batch(tokenizer, args.sample_text, device) if "shortgpt" in methods or args.calibrate else None
+    if args.calibrate:
+        calibrate(model, sample, [b for b in budgets if b > 0])
     built = {name: make_method(name, model, sample, seed=args.seed) for name in dict.fromkeys(["base", *methods])}
 
     sweep = Sweep(settings, tasks, budgets, methods, args.out, batch_size=args.batch_size, include=args.include_path)

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,6 +46,7 @@ class SweepSettings:
     quantize: str | None = None
     num_fewshot: int | None = None
     seed: int = 0
+    calibrated: bool = False  # thresholds calibrated on the sample text before the sweep
 
 
 @dataclass
@@ -118,10 +119,12 @@ def load_records(out: Path, settings: SweepSettings) -> list[dict]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise GateSkipError(f"{path} is not a readable sweep result ({e}); move it away to start over") from None
-    if saved.get("settings") != asdict(settings):
-        raise GateSkipError(
-            f"{out} holds a sweep with other settings ({saved.get('settings')}); use another --out to start a new one"
-        )
+    # Settings added in later versions read as their defaults in older files.
+    defaults = {f.name: f.default for f in fields(SweepSettings) if f.default is not MISSING}
+    stored = {**defaults, **saved.get("settings", {})}
+    differ = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items() if stored.get(k) != v]
+    if differ:
+        raise GateSkipError(f"{out} holds a sweep with other settings ({'; '.join(differ)}); use another --out")
     return saved["records"]
 
 
