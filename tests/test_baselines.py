@@ -1,15 +1,18 @@
 """Baselines: each runs through the gated forward and skips what it was asked to."""
 
+import argparse
 import copy
+import json
 import math
 
 import pytest
 import torch
 
 from conftest import padded_batch, tiny_model
-from gateskip import GateConfig, ModelDims, SkipStats, add_gates, flop_report
-from gateskip import GateSkipError
+from gateskip import GateConfig, GateSkipError, ModelDims, SkipStats, add_gates, baselines, flop_report
 from gateskip.baselines import RandomBudget, block_influence, identity_bank, least_influential, make_method, remove_layers
+from gateskip.loading import load_model
+from test_eval_harness import char_tokenizer
 
 
 def gated(seed=0):
@@ -111,3 +114,21 @@ def test_remove_layers_refuses_bad_requests():
         remove_layers(gated(), [0])
     with pytest.raises(GateSkipError, match="cannot remove layers"):
         remove_layers(tiny_model(), [0, 1, 2])
+
+
+def test_prune_command_saves_a_loadable_shallower_model(tmp_path):
+    source = tmp_path / "tiny"
+    tiny_model().save_pretrained(source)
+    char_tokenizer().save_pretrained(source)
+    text = tmp_path / "sample.txt"
+    text.write_text("the sky is blue.\n\none plus one is two.\n")
+    parser = argparse.ArgumentParser()
+    baselines.register(parser.add_subparsers())
+    out = tmp_path / "pruned"
+    args = parser.parse_args(["prune", str(source), "--ratio", "0.34", "--out", str(out), "--sample-text", str(text)])
+    assert baselines.run(args) == 0
+    model, _ = load_model(str(out))
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    assert len(json.loads((out / "gateskip-pruned.json").read_text())["removed_layers"]) == 1
+    with pytest.raises(GateSkipError, match="--ratio must be in"):
+        baselines.run(parser.parse_args(["prune", str(source), "--ratio", "1.0", "--out", str(out)]))

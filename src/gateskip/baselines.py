@@ -195,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
     from .evaluation.sweep import sample_texts
     from .loading import load_model
 
+    share = check_share(args.ratio)
     model, tokenizer = load_model(args.model)
-    count = round(check_share(args.ratio) * model.config.num_hidden_layers)
+    count = round(share * model.config.num_hidden_layers)
     enc = tokenizer(sample_texts(args.sample_text), return_tensors="pt", padding=True, truncation=True, max_length=256)
     removed = least_influential(model, (enc["input_ids"], enc["attention_mask"]), count)
     remove_layers(model, removed)
