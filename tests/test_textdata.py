@@ -104,3 +104,10 @@ def test_too_little_text_for_one_block_is_an_error(tmp_path):
     (tmp_path / "short.txt").write_text("hi")
     with pytest.raises(GateSkipError, match="fewer than one block"):
         build_blocks([str(tmp_path / "short.txt")], char_tokenizer(), seq_len=64)
+
+
+def test_max_tokens_stops_reading_early(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("abcdefghij")
+    token_docs = tokenize(read_documents(str(tmp_path)), char_tokenizer(), max_tokens=15)
+    assert [len(ids) for ids, _ in token_docs] == [11, 4]

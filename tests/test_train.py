@@ -70,7 +70,7 @@ def test_loss_falls_and_the_sparsity_weight_closes_gates(assets, tmp_path):
 def test_skip_ratio_ramps_linearly_then_holds():
     cfg = TrainConfig(steps=100, ramp_steps=10, target_skip=0.3)
     assert [cfg.skip_ratio(s) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 0.15, 0.3, 0.3])
-    assert TrainConfig(steps=100).ramp_steps == 50
+    assert TrainConfig(steps=100).skip_ratio(25) == pytest.approx(0.1)  # the default ramp: half the steps
 
 
 def test_processes_read_disjoint_batches_and_the_order_depends_only_on_the_step():
@@ -193,3 +193,24 @@ def test_a_second_run_into_the_same_folder_is_refused(assets, tmp_path):
         train(config(assets, tmp_path, steps=2))
     with pytest.raises(GateSkipError, match="options changed since it started: seq_len"):
         train(config(assets, tmp_path, steps=4, seq_len=16, resume=True))
+
+
+def test_the_gate_trace_survives_the_argument_copies_of_ddp_and_fsdp():
+    """DDP on GPUs and FSDP pass forward's kwargs through _apply_to_tensors, which rebuilds dataclasses."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    from conftest import tiny_model
+    from gateskip import GateConfig, add_gates
+    from gateskip.textdata import Blocks
+
+    model = add_gates(tiny_model(), GateConfig(kind="lowrank", rank=4))
+    real_forward = model.forward
+
+    def forward_as_wrappers_see_it(**kwargs):
+        return real_forward(**_apply_to_tensors(lambda t: t, kwargs))
+
+    model.forward = forward_as_wrappers_see_it
+    ids = torch.randint(0, 100, (2, 8))
+    batch = Blocks(ids, torch.ones_like(ids), ids)
+    terms = train_module.loss_terms(model, batch, TrainConfig(), skip=0.2, teacher=None)
+    assert terms.sparsity > 0.5

@@ -52,25 +52,29 @@ def gate_penalty(g: torch.Tensor, kind: str, target: float) -> torch.Tensor:
     return _bernoulli_kl(target, g)
 
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, T, d) values over valid tokens (B, T) and all d."""
-    w = valid.to(values.dtype).unsqueeze(-1)
-    return (values * w).sum() / (w.sum() * values.shape[-1]).clamp_min(1)
+def _per_module_means(trace: GateTrace, fn) -> torch.Tensor:
+    """Mean of fn(gate values) over valid tokens and dims, per module: (modules,).
+
+    Each module's values are first summed over dims, so only small (B, T) tensors are stacked:
+    a few kernels per module instead of a dozen (the loss runs on every module every step)."""
+    if not trace.entries:
+        raise GateSkipError("no gate values were traced: run the model with SkipPlan(trace=GateTrace())")
+    sums = torch.stack([fn(g.float()).sum(-1) for _, g, _ in trace.entries])  # (M, B, T)
+    valid = torch.stack([v for _, _, v in trace.entries]).to(sums.dtype)
+    width = trace.entries[0][1].shape[-1]
+    return (sums * valid).sum((1, 2)) / (valid.sum((1, 2)) * width).clamp_min(1)
 
 
 def sparsity_loss(trace: GateTrace, kind: str = "l2", target: float = 0.0) -> torch.Tensor:
     """Gate penalty averaged over valid tokens and dims of each module, then over modules."""
     check_sparsity_kind(kind)
-    if not trace.entries:
-        raise GateSkipError("no gate values were traced: run the model with SkipPlan(trace=GateTrace())")
-    per_module = [_masked_mean(gate_penalty(g.float(), kind, target), valid) for _, g, valid in trace.entries]
-    return torch.stack(per_module).mean()
+    return _per_module_means(trace, lambda g: gate_penalty(g, kind, target)).mean()
 
 
 def mean_gate(trace: GateTrace) -> torch.Tensor:
     """Mean gate value over valid tokens, dims and modules (a number to watch, not a loss)."""
     with torch.no_grad():
-        return torch.stack([_masked_mean(g.float(), valid) for _, g, valid in trace.entries]).mean()
+        return _per_module_means(trace, lambda g: g).mean()
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -134,11 +134,15 @@ class Blocks:
         return Blocks(self.input_ids[index], self.attention_mask[index], self.labels[index])
 
 
-def tokenize(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) per document, ending in EOS; labels are IGNORE where a segment carries no loss."""
+def tokenize(docs: list[Document], tokenizer: PreTrainedTokenizerBase,
+             max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per document, ending in EOS; labels are IGNORE where a segment carries no loss.
+    With max_tokens, stops once that many tokens are read (the last document cut short)."""
     eos = tokenizer.eos_token_id
-    out = []
+    out, total = [], 0
     for doc in docs:
+        if max_tokens is not None and total >= max_tokens:
+            break
         ids: list[int] = []
         labels: list[int] = []
         for text, trained in doc:
@@ -148,6 +152,9 @@ def tokenize(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[t
         if eos is not None:
             ids.append(eos)
             labels.append(eos if doc[-1][1] else IGNORE)
+        if max_tokens is not None:
+            ids, labels = ids[: max_tokens - total], labels[: max_tokens - total]
+        total += len(ids)
         out.append((ids, labels))
     return out
 
@@ -195,9 +202,7 @@ def build_blocks(
 ) -> tuple[Blocks, Blocks]:
     """Train and validation blocks from all sources, in order."""
     docs = [d for s in sources for d in read_documents(s)]
-    token_docs = tokenize(docs, tokenizer)
-    if max_tokens is not None:
-        token_docs = _first_tokens(token_docs, max_tokens)
+    token_docs = tokenize(docs, tokenizer, max_tokens)
     if not any(any(t != IGNORE for t in lab) for _, lab in token_docs):
         raise GateSkipError(f"training data {', '.join(sources)} has no tokens that carry loss")
     if packed:
@@ -211,13 +216,3 @@ def build_blocks(
         blocks = pad_each(token_docs, seq_len, tokenizer.pad_token_id)
     return split(blocks, val_fraction, seed)
 
-
-def _first_tokens(token_docs: list[tuple[list[int], list[int]]], budget: int) -> list[tuple[list[int], list[int]]]:
-    """Documents in order up to `budget` tokens, the last one cut short."""
-    out = []
-    for d, lab in token_docs:
-        if budget <= 0:
-            break
-        out.append((d[:budget], lab[:budget]))
-        budget -= len(d)
-    return out

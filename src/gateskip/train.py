@@ -38,7 +38,7 @@ from .config import GATE_KINDS, GateConfig
 from .errors import GateSkipError
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .model import add_gates, save_gates
-from .plan import GateTrace, SkipPlan
+from .plan import SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
 MODES = ("full", "frozen", "lora")
@@ -103,8 +103,6 @@ class TrainConfig:
             raise GateSkipError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if not self.data:
             raise GateSkipError("no training data given")
-        if self.ramp_steps is None:
-            self.ramp_steps = self.steps // 2
 
     @property
     def backbone_lr(self) -> float:
@@ -112,9 +110,10 @@ class TrainConfig:
 
     def skip_ratio(self, step: int) -> float:
         """Per-module skip ratio of a step: a linear ramp from 0 to the target, then flat."""
-        if self.ramp_steps <= 0:
+        ramp = self.steps // 2 if self.ramp_steps is None else self.ramp_steps
+        if ramp <= 0:
             return self.target_skip
-        return self.target_skip * min(1.0, step / self.ramp_steps)
+        return self.target_skip * min(1.0, step / ramp)
 
 
 # ---------------------------------------------------------------- run folder
@@ -251,9 +250,20 @@ def _to_device(blocks: Blocks, device: torch.device) -> Blocks:
 # ---------------------------------------------------------------- one step
 
 
+class SharedTrace:
+    """A GateTrace that distributed wrappers pass through untouched.
+
+    DDP on GPUs and FSDP rebuild dataclass and list arguments of forward on the way in
+    (torch.distributed.utils._apply_to_tensors), so a GateTrace inside the SkipPlan would be
+    filled as a copy and the caller's would stay empty. A plain object is passed as is."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+
 def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float, teacher) -> LossTerms:
     """Forward with masked skipping at ratio `skip` and every loss term."""
-    trace = GateTrace()
+    trace = SharedTrace()
     plan = SkipPlan(budget=skip, execution="masked", trace=trace)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, skip_plan=plan, use_cache=False)
     teacher_logits = teacher(batch.input_ids, batch.attention_mask) if teacher is not None else None
