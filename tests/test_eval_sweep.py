@@ -91,7 +91,7 @@ def sample_text(tmp_path):
 def test_sweep_writes_results_table_and_plot(model_dir, tiny_task, tmp_path, sample_text):
     out = tmp_path / "sweep"
     args = eval_args(model_dir, tiny_task, out, "--fresh-gates", "vector", "--budgets", "0,0.25,0.5",
-                     "--method", "gateskip,random,shortgpt", "--sample-text", str(sample_text))
+                     "--method", "gateskip,random,shortgpt,calm", "--sample-text", str(sample_text))
     assert cli.run(args) == 0
 
     saved = json.loads((out / RESULTS).read_text())
@@ -103,7 +103,8 @@ def test_sweep_writes_results_table_and_plot(model_dir, tiny_task, tmp_path, sam
         assert 0.0 <= r["skip_fraction"] <= 1.0
     acc = [r for r in records if r["metric"] == "acc"]
     points = {(r["method"], r["budget"]) for r in acc}
-    assert points == {("base", 0.0)} | {(m, b) for m in ("gateskip", "random", "shortgpt") for b in (0.0, 0.25, 0.5)}
+    methods = ("gateskip", "random", "shortgpt", "calm")
+    assert points == {("base", 0.0)} | {(m, b) for m in methods for b in (0.0, 0.25, 0.5)}
     for r in acc:
         if r["method"] in ("gateskip", "random"):  # per-sequence quantile: floor(budget * tokens) per sequence
             assert r["skip_fraction"] == pytest.approx(r["budget"], abs=0.06)
@@ -111,6 +112,8 @@ def test_sweep_writes_results_table_and_plot(model_dir, tiny_task, tmp_path, sam
             assert r["skip_fraction"] == pytest.approx(round(r["budget"] * 3) / 3)
         if r["budget"] > 0:
             assert r["net_saving"] > 0 or r["method"] == "gateskip"  # vector gates cost 2d^2 per token
+    calm = [r["skip_fraction"] for r in sorted(acc, key=lambda r: r["budget"]) if r["method"] == "calm"]
+    assert calm[0] == 0 < calm[1] <= calm[2]  # thresholds set on other text: the measured share is what counts
     table = (out / TABLE).read_text()
     assert "| tiny_mc | shortgpt | 0.5 |" in table and "saved at 90% of base" in table
     assert (out / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,8 @@ accounting, so the curves are comparable:
 - base: the ungated model (gates not applied, nothing skipped): the reference accuracy.
 - random: the same number of tokens per module skipped, chosen at random: what the
   gates' ranking is worth.
+- calm: CALM-style early exit: a token leaves the network once a layer barely changes
+  its hidden state (saturation threshold set on sample text to meet the budget).
 - shortgpt: static layer removal (Men et al., 2024): the round(budget * layers) layers
   with the lowest Block Influence 1 - cos(h_in, h_out) on sample text skip every token.
   `remove_layers` / `gateskip prune` delete them for real, e.g. before training gates.
@@ -19,6 +21,7 @@ nothing but which tokens skip, and the gates' cost is not charged to them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
 
-METHODS = ("gateskip", "base", "random", "shortgpt")
+METHODS = ("gateskip", "base", "random", "shortgpt", "calm")
 
 QUANTILE_DECODE = "per-sequence quantile in decoding: single-token steps skip nothing"
 
@@ -74,16 +77,16 @@ def layer_budget(module_keys: list[str], removed_layers: list[int], ratio: float
 
 
 @torch.no_grad()
-def block_influence(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[float]:
-    """Block Influence per decoder layer: mean over real tokens of 1 - cos(layer input, layer output)."""
+def saturation(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(layer input, layer output) per layer and token, (layers, B, T), from one dense forward."""
     layers = decoder_layers(model)
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[int, torch.Tensor] = {}
 
     def hook(index):
         def capture(module, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
-            seen[index] = (h_in.float(), h_out.float())
+            seen[index] = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
         return capture
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -92,13 +95,81 @@ def block_influence(model, ids: torch.Tensor, mask: torch.Tensor | None = None) 
     finally:
         for h in handles:
             h.remove()
+    return torch.stack([seen[i] for i in range(len(layers))])
+
+
+def block_influence(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[float]:
+    """Block Influence per decoder layer: mean over real tokens of 1 - cos(layer input, layer output)."""
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    scores = []
-    for i in range(len(layers)):
-        h_in, h_out = seen[i]
-        cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
-        scores.append(float((1 - cos)[valid].mean()))
-    return scores
+    return [float((1 - cos)[valid].mean()) for cos in saturation(model, ids, mask)]
+
+
+class ExitWatch:
+    """CALM-style early exit (Schuster et al., 2022) with the hidden-state saturation measure.
+
+    Pre-hooks on the decoder layers see each layer's input: a token exits before layer l once
+    layer l-1 barely turned its hidden state, cos(h_in, h_out) >= threshold. From then on it
+    skips every branch and its state is propagated (later layers still compute its K/V from
+    it, as in CALM). Budgets cannot see hidden states, so the hooks decide and
+    `ExitBudget` reads the decision.
+    """
+
+    def __init__(self) -> None:
+        self.threshold = math.inf
+        self.exited: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+        self._handles: list = []
+
+    def attach(self, model) -> None:
+        self._handles = [layer.register_forward_pre_hook(self._see(i), with_kwargs=True)
+                         for i, layer in enumerate(decoder_layers(model))]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.exited, self._previous = [], None, None
+
+    def _see(self, index: int):
+        def see(module, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"]).float()
+            if index == 0:
+                self.exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+            else:
+                self.exited = self.exited | (torch.nn.functional.cosine_similarity(self._previous, h, dim=-1) >= self.threshold)
+            self._previous = h
+        return see
+
+
+@dataclass(frozen=True)
+class ExitBudget(ThresholdBudget):
+    """Skip the tokens that have exited (see ExitWatch); works in decode steps too."""
+
+    watch: ExitWatch | None = None
+
+    def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
+        keep = valid & ~self.watch.exited
+        return keep if protect is None else keep | (valid & protect)
+
+
+def exit_threshold(cos: torch.Tensor, ratio: float) -> float:
+    """The saturation threshold at which the sample's tokens skip `ratio` of their layers.
+
+    Estimated from a dense forward (cos: layers x tokens): a token exits at the first layer
+    l >= 1 whose predecessor had cos >= threshold, and skips the remaining layers."""
+    if ratio == 0:
+        return math.inf
+    layers = cos.shape[0]
+
+    def skipped(threshold: float) -> float:
+        crossed = torch.cat([torch.zeros_like(cos[:1], dtype=torch.bool), cos[:-1] >= threshold])
+        exit_layer = torch.where(crossed.any(0), crossed.float().argmax(0), torch.full_like(cos[0], layers))
+        return float((layers - exit_layer).mean() / layers)
+
+    low, high = -1.0, 1.0 + 1e-6  # skipped() falls as the threshold rises
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if skipped(mid) > ratio else (low, mid)
+    return high
 
 
 @dataclass
@@ -114,6 +185,20 @@ class Method:
     charge_gates: bool  # whether the gates' FLOPs count against this method
     layer_order: list[int] | None = None  # shortgpt: layers from least to most influential
     seed: int = 0
+    sample_cos: torch.Tensor | None = None  # calm: saturation of the sample's real tokens (layers x tokens)
+    watch: ExitWatch | None = None
+
+    @contextlib.contextmanager
+    def attached(self, model):
+        """Put this method's gates (and, for calm, its exit hooks) on the model for a while."""
+        model.gate_bank = self.bank
+        if self.watch is not None:
+            self.watch.attach(model)
+        try:
+            yield
+        finally:
+            if self.watch is not None:
+                self.watch.detach()
 
     def plans(self, budget: float, stats: SkipStats) -> tuple[SkipPlan, SkipPlan, str]:
         if self.name == "base":
@@ -126,6 +211,10 @@ class Method:
             n = round(budget * self.bank.num_layers)
             plan = SkipPlan(budget=layer_budget(self.bank.module_keys(), self.layer_order[:n], budget), stats=stats)
             return plan, plan, f"{n} layers removed"
+        if self.name == "calm":
+            self.watch.threshold = exit_threshold(self.sample_cos, budget)
+            plan = SkipPlan(budget=ExitBudget({}, budget, watch=self.watch), stats=stats)
+            return plan, plan, f"exit at saturation cos >= {self.watch.threshold:.4f}, in decode steps too"
         score = SkipPlan(budget=budget, stats=stats)
         key = ratio_key(budget)
         if budget == 0 or key in self.bank.thresholds:
@@ -145,10 +234,13 @@ def make_method(name: str, model, sample: tuple[torch.Tensor, torch.Tensor] | No
             raise GateSkipError("method gateskip needs gates: pass --gates PATH (or --fresh-gates KIND)")
         return Method(name, model.gate_bank, charge_gates=True)
     bank = identity_bank(model)
-    if name != "shortgpt":
+    if name in ("base", "random"):
         return Method(name, bank, charge_gates=False, seed=seed)
     if sample is None:
-        raise GateSkipError("shortgpt needs sample text to rank layers by Block Influence")
+        raise GateSkipError(f"{name} needs sample text (to rank layers / to set exit thresholds)")
+    if name == "calm":
+        cos = saturation(model, *sample)
+        return Method(name, bank, charge_gates=False, sample_cos=cos[:, sample[1].bool()], watch=ExitWatch())
     order = least_influential(model, sample, len(decoder_layers(model)))
     return Method(name, bank, charge_gates=False, layer_order=order)
 

@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
         quantize_weights(model, args.quantize)
     device = next(model.parameters()).device
-    sample = _sample_batch(tokenizer, args.sample_text, device) if "shortgpt" in methods or args.calibrate else None
+    needs_sample = args.calibrate or any(m in methods for m in ("shortgpt", "calm"))
+    sample = _sample_batch(tokenizer, args.sample_text, device) if needs_sample else None
     if args.calibrate:
         calibrate(model, sample, [b for b in budgets if b > 0])
     built = {name: make_method(name, model, sample, seed=args.seed) for name in dict.fromkeys(["base", *methods])}

@@ -181,14 +181,14 @@ def run_sweep(sweep: Sweep, model, tokenizer, methods: dict[str, Method]) -> lis
     todo = [(m, b, t) for m, b in points(sweep) for t in sweep.tasks if (m, b, t) not in done]
     for method_name, budget, task in tqdm(todo, desc="sweep", unit="point"):
         method = methods[method_name]
-        model.gate_bank = method.bank
         stats = SkipStats()
         score_plan, generate_plan, note = method.plans(budget, stats)
         lm.use(score_plan, generate_plan)
         start = time.perf_counter()
-        result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=sweep.settings.limit,
-                                 num_fewshot=sweep.settings.num_fewshot, log_samples=False, random_seed=sweep.settings.seed,
-                                 bootstrap_iters=1000, verbosity="WARNING")
+        with method.attached(model):
+            result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=sweep.settings.limit,
+                                     num_fewshot=sweep.settings.num_fewshot, log_samples=False,
+                                     random_seed=sweep.settings.seed, bootstrap_iters=1000, verbosity="WARNING")
         seconds = time.perf_counter() - start
         generates = any(c.get("output_type") == "generate_until" for c in result.get("configs", {}).values())
         flops = flop_report(stats, dims, method.bank.config if method.charge_gates else None)
