@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise GateSkipError("--calibrate sets thresholds for the gateskip method; add it to --method")
     gates = args.gates or (f"fresh:{args.fresh_gates}:seed{args.seed}" if args.fresh_gates else None)
     settings = SweepSettings(model=args.model, gates=gates, limit=args.limit, data=args.data, quantize=args.quantize,
-                             num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate)
+                             num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate, dtype=args.dtype,
+                             batch_size=args.batch_size, sample_text=str(args.sample_text) if args.sample_text else None)
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.gates:
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         calibrate(model, sample, [b for b in budgets if b > 0])
     built = {name: make_method(name, model, sample, seed=args.seed) for name in dict.fromkeys(["base", *methods])}
 
-    sweep = Sweep(settings, tasks, budgets, methods, args.out, batch_size=args.batch_size, include=args.include_path)
+    sweep = Sweep(settings, tasks, budgets, methods, args.out, include=args.include_path)
     run_sweep(sweep, model, tokenizer, built)
     print((args.out / TABLE).read_text())
     print(f"wrote {args.out / RESULTS}, {args.out / TABLE}, {args.out / FIGURE}")

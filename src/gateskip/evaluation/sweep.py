@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..baselines import METHODS, Method
+from ..baselines import Method
 from ..budget import check_ratio
 from ..errors import GateSkipError
 from ..flops import ModelDims, flop_report
@@ -47,6 +47,9 @@ class SweepSettings:
     num_fewshot: int | None = None
     seed: int = 0
     calibrated: bool = False  # thresholds calibrated on the sample text before the sweep
+    dtype: str = "float32"
+    batch_size: int = 1  # above 1, right-padding counts as tokens (see GatedLM)
+    sample_text: str | None = None  # None: the bundled SQuAD passages
 
 
 @dataclass
@@ -56,7 +59,6 @@ class Sweep:
     budgets: list[float]
     methods: list[str]
     out: Path
-    batch_size: int = 1
     include: Path | None = None  # folder of the user's own lm-eval task YAMLs
     records: list[dict] = field(default_factory=list)
 
@@ -176,7 +178,7 @@ def run_sweep(sweep: Sweep, model, tokenizer, methods: dict[str, Method]) -> lis
     sweep.records = load_records(sweep.out, sweep.settings)
     done = {(r["method"], r["budget"], r["task"]) for r in sweep.records}
     manager = task_manager(sweep.tasks, sweep.settings.data, sweep.out / "tasks", sweep.include)
-    lm = GatedLM(model, tokenizer, batch_size=sweep.batch_size)
+    lm = GatedLM(model, tokenizer, batch_size=sweep.settings.batch_size)
     dims = ModelDims.from_config(model.config)
     todo = [(m, b, t) for m, b in points(sweep) for t in sweep.tasks if (m, b, t) not in done]
     for method_name, budget, task in tqdm(todo, desc="sweep", unit="point"):
