@@ -34,7 +34,11 @@ class GatedCausalLMMixin:
     mask and hands it to the decoder layers; without a plan the model is the original.
     """
 
-    def forward(self, input_ids=None, attention_mask=None, skip_plan: SkipPlan | None = None, **kwargs):
+    # position_ids and logits_to_keep are named because HF generate reads the signature: it
+    # derives positions from a left-padded mask and computes prefill logits for the last
+    # token only when forward names them.
+    def forward(self, input_ids=None, attention_mask=None, skip_plan: SkipPlan | None = None, position_ids=None,
+                logits_to_keep=0, **kwargs):
         if skip_plan is not None:
             ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -42,7 +46,8 @@ class GatedCausalLMMixin:
             kwargs["skip_ctx"] = ForwardContext.build(
                 skip_plan, self.gate_bank, ref.shape[0], ref.shape[1], attention_mask, past, ref.device
             )
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
