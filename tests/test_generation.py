@@ -51,9 +51,12 @@ def calibrated(family: str = "llama", ratios=(0.25, 0.5), seed: int = 0, vocab: 
 
 
 def recomputed_logits(model, sequences, mask, budget):
-    """Logits of the whole sequence in one forward without a cache, under the same budget."""
+    """Logits of the whole sequence in one forward without a cache, under the same budget
+    (positions counted from each row's first real token, as HF generate counts them)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(sequences, attention_mask=mask, skip_plan=SkipPlan(budget=budget), use_cache=False).logits
+        return model(sequences, attention_mask=mask, position_ids=positions, skip_plan=SkipPlan(budget=budget),
+                     use_cache=False).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -168,3 +171,21 @@ def test_bad_inputs_give_clear_errors():
         generate(model, torch.randint(3, VOCAB, (1, 128)), budget=0.25, max_new_tokens=2)
     with pytest.raises(GateSkipError, match="quantile"):
         generate(model, ids, budget=QuantileBudget(0.25), max_new_tokens=2)
+
+
+def test_generate_without_skipping_is_exactly_hf_generate_on_the_original_model():
+    """Left padding and prefill logits handled as for the original model (positions from the
+    mask; the LM head runs on the last prompt token only)."""
+    from gateskip import remove_gates
+
+    model = gated_tiny("llama")
+    model.generation_config.eos_token_id = None
+    ids, mask = random_prompts([9, 4, 7], seed=8)
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[1]))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    gated = model.generate(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False), **kwargs)
+    assert head_rows == [1] * 6
+    plain = remove_gates(model).generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(gated.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(gated.logits, plain.logits))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -117,13 +116,16 @@ def threshold_budget(model, ratio: float) -> ThresholdBudget:
     return ThresholdBudget(dict(stored[key]), ratio)
 
 
-def default_sample_texts() -> list[str]:
-    """The bundled training text, when the package ships one."""
-    try:
-        from . import textdata
-    except ImportError:
-        raise GateSkipError("no bundled sample text in this install; pass --text FILE") from None
-    return textdata.sample_texts()
+def sample_tokens(tokenizer, source: str = "bundled", sequences: int = 16, length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of `sequences` blocks of `length` tokens from a text source that
+    gateskip.textdata reads ("bundled" Shakespeare, a .txt/.jsonl file, a dataset folder)."""
+    from . import textdata
+
+    docs = textdata.read_documents(source)
+    blocks = textdata.pack(textdata.tokenize(docs, tokenizer, max_tokens=sequences * length), length)
+    if len(blocks) == 0:
+        raise GateSkipError(f"{source} has fewer than {length} tokens of text; calibration needs at least one block")
+    return blocks.input_ids, blocks.attention_mask
 
 
 # CLI ---------------------------------------------------------------------------------
@@ -134,28 +136,20 @@ def register(subparsers) -> None:
     p.add_argument("model", help="bundled model name, local folder or hub id")
     p.add_argument("--gates", required=True, help="gate file or folder (thresholds are saved back into it)")
     p.add_argument("--ratios", type=float, nargs="+", required=True, help="target skip ratios, e.g. 0.25 0.5")
-    p.add_argument("--text", type=Path, help="sample text file (paragraphs separated by blank lines)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per sample paragraph")
-    p.add_argument("--max-samples", type=int, default=32, help="number of sample paragraphs")
+    p.add_argument("--text", default="bundled", help="sample text: 'bundled', a .txt/.jsonl file or a dataset folder")
+    p.add_argument("--sequences", type=int, default=16, help="sample blocks")
+    p.add_argument("--length", type=int, default=256, help="tokens per sample block")
     p.set_defaults(func=run)
-
-
-def read_paragraphs(path: Path) -> list[str]:
-    if not path.is_file():
-        raise GateSkipError(f"no text file at {path}")
-    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import load_gates
 
-    texts = read_paragraphs(args.text) if args.text else default_sample_texts()
     model, tokenizer = load_model(args.model)
     load_gates(model, args.gates)
-    samples = tokenize_samples(tokenizer, texts[: args.max_samples], args.max_length)
+    samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
     found = calibrate(model, samples, args.ratios)
     path = save_gates(model, args.gates)
-    n = int(samples[1].sum())
-    print(f"calibrated ratios {', '.join(found)} on {n} sample tokens; saved to {path}")
+    print(f"calibrated ratios {', '.join(found)} on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
     return 0
