@@ -40,3 +40,13 @@ def test_primary_metric_is_acc_when_present():
     records = [rec("base", 0.0, 0.7, 0.0, "acc_norm"), rec("base", 0.0, 0.6, 0.0, "acc")]
     (row,) = summarize(records)
     assert row["metric"] == "acc" and row["at_0"] == 0.6
+
+
+def test_table_and_plot_from_records(tmp_path):
+    from gateskip.evaluation.report import markdown_table, plot
+
+    records = [dict(rec("base", 0.0, 20.0, 0.0, "word_perplexity"), stderr=None, skip_fraction=0.0, decode=""),
+               dict(rec("gateskip", 0.3, 24.0, 0.2, "word_perplexity"), stderr=None, skip_fraction=0.3, decode="")]
+    table = markdown_table(records)
+    assert "| t | gateskip | 0.3 | word_perplexity | 24.00 | - | 30.0% | 20.0% |  |" in table
+    assert plot(records, tmp_path / "p.png").stat().st_size > 1000

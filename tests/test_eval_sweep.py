@@ -195,3 +195,19 @@ def test_unknown_task_is_named(model_dir, tiny_task, tmp_path):
 
 def test_parse_budgets_sorts_and_deduplicates():
     assert parse_budgets("0.5, 0,0.25,0.5") == [0.0, 0.25, 0.5]
+
+
+@pytest.mark.slow
+def test_bundled_model_on_a_bundled_task(tmp_path):
+    """The offline path end to end: SmolLM2-135M, fresh low-rank gates, 8 ARC-Easy questions."""
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    out = tmp_path / "sweep"
+    args = parser.parse_args(["eval", "smollm2-135m", "--fresh-gates", "lowrank", "--tasks", "arc_easy",
+                              "--budgets", "0,0.5", "--limit", "8", "--out", str(out)])
+    assert cli.run(args) == 0
+    acc = {(r["method"], r["budget"]): r for r in json.loads((out / RESULTS).read_text())["records"] if r["metric"] == "acc"}
+    assert set(acc) == {("base", 0.0), ("gateskip", 0.0), ("gateskip", 0.5)}
+    assert acc[("gateskip", 0.5)]["skip_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert acc[("gateskip", 0.0)]["net_saving"] < 0 < acc[("gateskip", 0.5)]["net_saving"]  # gates cost, skips save
+    assert all(0 <= r["value"] <= 1 for r in acc.values())

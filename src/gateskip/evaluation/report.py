@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .metrics import primary_records, summarize
+from .metrics import LOWER_IS_BETTER, primary_records, summarize
 
 
 def _pct(x: float | None) -> str:
@@ -60,7 +60,8 @@ def plot(records: list[dict], path: str | Path) -> Path:
             ys = [r["value"] for r in pts]
             if method == "base":
                 ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="base (ungated)")
-                ax.axhline(0.9 * ys[0], color="grey", linestyle=":", linewidth=1, label="90% of base")
+                target = ys[0] / 0.9 if recs[0]["metric"] in LOWER_IS_BETTER else 0.9 * ys[0]
+                ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="90% of base")
             else:
                 ax.plot(xs, ys, marker="o", label=method)
         ax.set_title(task)
