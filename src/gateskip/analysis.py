@@ -400,7 +400,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="gate statistics and plots (importance per layer, token classes, skip pattern)")
     p.add_argument("model", help="bundled model name, local folder or hub id")
     p.add_argument("--gates", help="gate file or folder (without it: fresh untrained low-rank gates, a control)")
-    p.add_argument("--text", default="bundled", help="sample text: 'bundled' (its held-out end), a .txt/.jsonl file or a dataset folder")
+    p.add_argument("--text", default="bundled", help="sample text: 'bundled' (read from its end, which gateskip demo does not train on), a .txt/.jsonl file or a dataset folder")
     p.add_argument("--out", type=Path, required=True, help="folder for the plots, analysis.md and analysis.json")
     p.add_argument("--budget", type=float, default=0.25, help="skip ratio for the skip pattern and keep rates")
     p.add_argument("--sequences", type=int, default=8, help="sample sequences")

@@ -46,7 +46,7 @@ DECODE_PROMPT = "Question: Why do leaves change colour in autumn? Answer:"
 class JobSizes:
     """How much work each stage does. FULL is the main job; QUICK exercises every stage in seconds."""
 
-    train_steps: int = 40
+    train_steps: int = 60
     train_batch: int = 4
     train_seq_len: int = 128
     train_tokens: int = 300_000  # the first tokens of the bundled text; analysis reads its (unseen) end
@@ -96,14 +96,14 @@ class Job:
 
         class _Stage:
             def __enter__(self):
-                self.start = time.perf_counter()
+                self.start, self.cpu = time.perf_counter(), time.process_time()
                 job.console.rule(f"[bold]{name}[/]" + (" (reusing earlier result)" if reused else ""))
 
             def __exit__(self, *exc):
-                seconds = time.perf_counter() - self.start
+                seconds, cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
                 if exc[0] is None:
-                    job.stages[name] = {"seconds": round(seconds, 1), "reused": reused}
-                    job.console.print(f"[dim]{name}: {seconds:.0f} s[/]")
+                    job.stages[name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "reused": reused}
+                    job.console.print(f"[dim]{name}: {seconds:.0f} s wall, {cpu:.0f} s CPU[/]")
 
         return _Stage()
 
@@ -246,8 +246,7 @@ def stage_analysis(job: Job, model, tokenizer, gates: Path) -> dict:
         if (folder / "analysis.json").is_file():
             return json.loads((folder / "analysis.json").read_text())
         ids, mask = sample_sequences(tokenizer, "bundled", s.analysis_sequences, s.analysis_length)
-        budget = max(s.budgets)
-        return analyze(model, tokenizer, ids, mask, folder, budget=min(budget, 0.25) if budget > 0 else 0.25,
+        return analyze(model, tokenizer, ids, mask, folder, budget=0.25,
                        text="the end of the bundled text (not trained on)", gates=str(gates))
 
 
@@ -292,11 +291,13 @@ def findings(job: Job, trained: dict, records: list[dict], bench: dict, stats: d
 def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stats: dict, lines: list[str], wall: float) -> Path:
     """report.md (everything, with the plots), summary.json (the numbers)."""
     s = job.sizes
-    timings = ", ".join(f"{k.split(maxsplit=1)[1]} {v['seconds']:.0f} s" + (" (reused)" if v["reused"] else "")
-                        for k, v in job.stages.items())
+    timings = ["| stage | wall | CPU (all threads) | |", "|---|---|---|---|"] + [
+        f"| {k} | {v['seconds']:.0f} s | {v['cpu_seconds']:.0f} s | {'reused' if v['reused'] else ''} |"
+        for k, v in job.stages.items()]
     md = ["# GateSkip main job", "",
-          f"Model `{job.model}`; {torch.get_num_threads()} threads; wall time {wall / 60:.1f} min ({timings}).",
-          "", "## Summary", ""] + [f"- {line}" for line in lines]
+          f"Model `{job.model}`; {torch.get_num_threads()} threads on {os.cpu_count()} cores; wall time {wall / 60:.1f} min, "
+          f"CPU time of this process {time.process_time() / 60:.1f} min (load from other jobs stretches wall time, "
+          "not CPU time).", ""] + timings + ["", "## Summary", ""] + [f"- {line}" for line in lines]
     md += ["", "## Training", "",
            f"Frozen backbone, low-rank gates (rank 32), {s.train_steps} steps of {s.train_batch} x {s.train_seq_len} tokens "
            f"from the first {s.train_tokens} tokens of the bundled text, gate lr {s.gate_lr:g}, skip ratio ramped to "
