@@ -36,6 +36,7 @@ from transformers import get_cosine_schedule_with_warmup
 from . import checkpoint
 from .config import GATE_KINDS, GateConfig
 from .errors import GateSkipError
+from .loading import load_model
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .model import add_gates, save_gates
 from .plan import SkipPlan
@@ -175,8 +176,6 @@ def build_model(cfg: TrainConfig):
     Full fine-tuning moves the backbone, so distillation needs a frozen copy of the base;
     frozen and LoRA modes reach the unchanged base through the model itself.
     """
-    from .loading import load_model
-
     model, tokenizer = load_model(cfg.model)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
