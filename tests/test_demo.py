@@ -65,3 +65,8 @@ def test_a_folder_of_another_size_is_refused(tmp_path):
         Job("some-model", tmp_path, JobSizes(), Console())
     with pytest.raises(GateSkipError, match="another --out"):
         Job("other-model", tmp_path, QUICK, Console())
+
+
+def test_threads_must_be_positive(tmp_path, capsys):
+    assert main(["demo", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err

@@ -46,7 +46,7 @@ DECODE_PROMPT = "Question: Why do leaves change colour in autumn? Answer:"
 class JobSizes:
     """How much work each stage does. FULL is the main job; QUICK exercises every stage in seconds."""
 
-    train_steps: int = 60
+    train_steps: int = 40
     train_batch: int = 4
     train_seq_len: int = 128
     train_tokens: int = 300_000  # the first tokens of the bundled text; analysis reads its (unseen) end
@@ -371,10 +371,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, help="report folder (default reports/demo, reports/demo-quick with --quick); "
                    "rerun with the same folder to continue")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every stage in a minute or two (a smoke test)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is faster on a "
+                   "machine that other jobs keep busy)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GateSkipError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     out = args.out or Path("reports/demo-quick" if args.quick else "reports/demo")
     run_job(args.model, out, QUICK if args.quick else FULL)
     return 0
