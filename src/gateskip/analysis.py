@@ -107,10 +107,10 @@ def token_class(text: str) -> str:
 
 def classify(tokenizer, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, T) class index into CLASSES; the first real token of each row is "first"; padding is -1."""
-    vocab = {int(t): CLASSES.index(token_class(tokenizer.decode([int(t)]))) for t in ids[valid].unique()}
-    out = torch.full(ids.shape, -1, dtype=torch.long)
-    for (b, t) in valid.nonzero().tolist():
-        out[b, t] = vocab[int(ids[b, t])]
+    lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+    for t in ids[valid].unique().tolist():
+        lookup[t] = CLASSES.index(token_class(tokenizer.decode([t])))
+    out = lookup[ids].masked_fill(~valid, -1)
     first = valid.int().argmax(1)
     out[torch.arange(ids.shape[0]), first] = CLASSES.index("first")
     return out
