@@ -207,3 +207,17 @@ def test_bad_plans_are_clear_errors():
         SkipPlan(budget=0.5, apply_gates=False)
     with pytest.raises(GateSkipError, match="budget"):
         SkipPlan(budget=1.5)
+
+
+def test_the_first_token_policy_travels_with_the_gates(tmp_path):
+    model = add_gates(tiny_model("llama"), GateConfig(skip_bos=False))
+    scramble_gates(model)
+    ids, mask = padded_batch([2, 2], 2, side="left")
+    save_gates(model, tmp_path)
+    model = load_gates(tiny_model("llama"), tmp_path)
+    stats = SkipStats()
+    logits(model, ids, mask, SkipPlan(budget=1.0, stats=stats))
+    assert all(c.skipped == 2 for c in stats.modules().values())  # the gates protect the first token
+    stats = SkipStats()
+    logits(model, ids, mask, SkipPlan(budget=1.0, skip_bos=True, stats=stats))
+    assert all(c.skipped == 4 for c in stats.modules().values())  # unless the plan says otherwise

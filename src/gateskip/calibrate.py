@@ -74,7 +74,7 @@ def calibrate(
     model,
     samples: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
     ratios: Sequence[float],
-    skip_bos: bool = True,
+    skip_bos: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """Thresholds for each target skip ratio, stored in `model.gate_bank.thresholds` and returned.
 

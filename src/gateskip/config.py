@@ -23,6 +23,10 @@ class GateConfig:
         sparsity loss does not pull on the backbone's representations.
     init_std, init_bias: N(0, init_std) weights and bias 5 start gates almost open
         (sigmoid(5) = 0.993), so the gated model begins close to the original.
+    skip_bos: whether the first token of a sequence may be skipped (the paper: yes). It
+        travels with the gates, because gates trained with the first token protected
+        have never learned to keep it: position 0 is the attention sink, and skipping it
+        costs far more than any other token (docs/architecture.md).
     """
 
     kind: str = "vector"
@@ -32,6 +36,7 @@ class GateConfig:
     detach_input: bool = True
     init_std: float = 0.01
     init_bias: float = 5.0
+    skip_bos: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "branches", tuple(self.branches))

@@ -35,7 +35,8 @@ class SkipPlan:
         "physical" removes skipped tokens before the branch runs (inference).
     apply_gates: scale branch outputs by their gates. False with no budget runs the
         original model through the gated code path.
-    skip_bos: whether the first token of a sequence may be skipped (the paper: yes).
+    skip_bos: whether the first token of a sequence may be skipped; None takes the gates'
+        own setting (GateConfig.skip_bos).
     stats: filled in place with what was computed and skipped.
     trace: filled with gate values (used by the training losses).
     """
@@ -43,7 +44,7 @@ class SkipPlan:
     budget: Budget | float | None = None
     execution: str = "physical"
     apply_gates: bool = True
-    skip_bos: bool = True
+    skip_bos: bool | None = None
     stats: SkipStats | None = None
     trace: GateTrace | None = None
 
@@ -85,7 +86,8 @@ class ForwardContext:
         valid = keys[:, -length:]
         context = keys.cumsum(1)[:, -length:].float()
         protect = None
-        if not plan.skip_bos:
+        skip_bos = plan.skip_bos if plan.skip_bos is not None else (bank is None or bank.config.skip_bos)
+        if not skip_bos:
             first = keys.int().argmax(1) - (keys.shape[1] - length)  # first real token, relative to this call
             positions = torch.arange(length, device=device)
             protect = positions[None, :] == first[:, None]

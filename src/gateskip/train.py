@@ -60,6 +60,7 @@ class TrainConfig:
     mode: str = "full"
     gate_kind: str = "lowrank"
     rank: int = 32
+    protect_first_token: bool = False
     sparsity_weight: float = 0.1
     sparsity_loss: str = "l2"
     sparsity_target: float = 0.0
@@ -183,7 +184,7 @@ def build_model(cfg: TrainConfig):
     base_copy = None
     if cfg.mode == "full" and cfg.distill_weight > 0:
         base_copy = copy.deepcopy(model).requires_grad_(False).eval()
-    add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank))
+    add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token))
     if cfg.mode == "frozen":
         model.requires_grad_(False)
     elif cfg.mode == "lora":
@@ -431,6 +432,8 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=MODES, default=d.mode, help="train backbone+gates, gates only, or LoRA+gates")
     p.add_argument("--gate-kind", choices=GATE_KINDS, default=d.gate_kind)
     p.add_argument("--rank", type=int, default=d.rank, help="rank of low-rank gates")
+    p.add_argument("--protect-first-token", action="store_true",
+                   help="never skip the first token of a sequence (the attention sink); saved with the gates")
     p.add_argument("--sparsity-weight", type=float, default=d.sparsity_weight, help="lambda of the gate penalty")
     p.add_argument("--sparsity-loss", default=d.sparsity_loss, help="l2 | l1 | kl")
     p.add_argument("--sparsity-target", type=float, default=d.sparsity_target, help="gate value the kl loss pulls to")
