@@ -124,7 +124,7 @@ def _accept(chooser: _Chooser, drafts: list[int], draft_probs: list, logits: tor
 
 
 def _forward(model, tokens: list[int] | torch.Tensor, cache: DynamicCache, plan: SkipPlan, keep: int = 1) -> torch.Tensor:
-    ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor([tokens], device=cache_device(model))
+    ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor([tokens], device=_device(model))
     return model(ids, cache=cache, use_cache=True, skip_plan=plan, logits_to_keep=keep).logits[0]
 
 
@@ -135,7 +135,7 @@ def _truncate(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
-def cache_device(model) -> torch.device:
+def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -184,7 +184,7 @@ def speculative_generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    token, _ = chooser.pick(_forward(model, input_ids.to(cache_device(model)), cache, full))
+    token, _ = chooser.pick(_forward(model, input_ids.to(_device(model)), cache, full))
     new = [int(token[0])]
     result.passes = 1
     if streamer is not None:
@@ -202,6 +202,7 @@ def speculative_generate(
         logits = _forward(model, [new[-1]] + drafts, cache, full, keep=steps + 1)
         kept = _accept(chooser, drafts, draft_probs, logits)
         _truncate(cache, written + len(kept))  # K/V of the rejected drafts go; the new last token is not in yet
+        all_accepted = len(kept) == steps + 1
         result.drafted += steps
         result.accepted += len(kept) - 1
         result.passes += 1
@@ -214,7 +215,7 @@ def speculative_generate(
         if streamer is not None:
             streamer.put(torch.tensor(kept))
         if adaptive:
-            k = min(k + 1, max_k) if len(kept) == steps + 1 else max(k - 1, 1)
+            k = min(k + 1, max_k) if all_accepted else max(k - 1, 1)
     if streamer is not None:
         streamer.end()
     result.sequences = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], 1)
