@@ -189,3 +189,33 @@ def test_generate_without_skipping_is_exactly_hf_generate_on_the_original_model(
     plain = remove_gates(model).generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(gated.sequences, plain.sequences)
     assert all(torch.equal(a, b) for a, b in zip(gated.logits, plain.logits))
+
+
+@pytest.mark.slow
+def test_cli_calibrates_and_generates_on_the_bundled_model(tmp_path, capsys):
+    import argparse
+
+    from gateskip import calibrate as calibrate_cli
+    from gateskip import generation as generation_cli
+    from gateskip import save_gates
+    from gateskip.loading import load_model
+
+    model, _ = load_model("smollm2-135m")
+    save_gates(add_gates(model, GateConfig(kind="lowrank", rank=8)), tmp_path)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    calibrate_cli.register(sub)
+    generation_cli.register(sub)
+
+    def run(*argv):
+        args = parser.parse_args(list(argv))
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    assert "calibrated ratios 0.5 on 128 tokens" in run("calibrate", "smollm2-135m", "--gates", str(tmp_path),
+                                                      "--ratios", "0.5", "--sequences", "2", "--length", "64")
+    out = run("generate", "smollm2-135m", "--gates", str(tmp_path), "--budget", "0.5", "--prompt", "Hello", "--max-new-tokens", "6")
+    assert "per generated token (5 tokens): skipped" in out and "whole generation" in out
+    out = run("generate", "smollm2-135m", "--gates", str(tmp_path), "--budget", "0.5", "--speculative", "2",
+              "--prompt", "Hello", "--max-new-tokens", "6")
+    assert "self-speculative:" in out and "tokens/pass" in out and "drafts accepted" in out  # may stop early at EOS
