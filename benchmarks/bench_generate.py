@@ -62,6 +62,7 @@ def main() -> None:
     prompts = [tok(p, return_tensors="pt")["input_ids"] for p in PROMPTS[: args.prompts]]
     n_new = args.new_tokens * len(prompts)
 
+    torch.manual_seed(0)  # the same fresh gates every run
     add_gates(model, GateConfig(kind="lowrank", rank=32))
     ratios = sorted(set(args.budgets) | set(args.draft_budgets))
     start = time.perf_counter()
