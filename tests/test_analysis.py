@@ -27,13 +27,13 @@ class WordTokenizer:
         return "".join(WORDS[i] for i in ids)
 
 
-def tiny_gated(seed=0, layers=3):
+def tiny_gated(seed=0, layers=3, skip_bos=True):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=128)
     cfg._attn_implementation = "sdpa"
-    model = add_gates(LlamaForCausalLM(cfg).eval(), GateConfig(kind="vector", init_std=0.5, init_bias=0.0))
-    return model
+    gates = GateConfig(kind="vector", init_std=0.5, init_bias=0.0, skip_bos=skip_bos)
+    return add_gates(LlamaForCausalLM(cfg).eval(), gates)
 
 
 def test_token_class_reads_the_decoded_text():
@@ -90,8 +90,9 @@ def test_anchor_verdict_follows_the_numbers():
     assert low["attn"]["first_is_top_share"] == 0.0
 
 
-def test_collect_records_the_decisions_the_model_made():
-    model = tiny_gated()
+@pytest.mark.parametrize("skip_bos", [True, False])
+def test_collect_records_the_decisions_the_model_made(skip_bos):
+    model = tiny_gated(skip_bos=skip_bos)
     ids = torch.randint(1, len(WORDS), (3, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[2, 7:] = 0
@@ -106,6 +107,8 @@ def test_collect_records_the_decisions_the_model_made():
         skipped = int((record.valid & ~record.keep[i]).sum())
         assert skipped == stats.modules()[key].skipped == 5 + 5 + 3
     assert not record.keep[:, 2, 7:].any()  # padding is never kept
+    if not skip_bos:
+        assert record.keep[:, :, 0].all()
 
 
 def test_collect_needs_gates():

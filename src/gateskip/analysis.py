@@ -73,8 +73,18 @@ def _traced(model, ids: torch.Tensor, mask: torch.Tensor, budget) -> tuple[list[
     imp = torch.stack([importance(v) for _, v, _ in trace.entries]).float().cpu()
     keep = None
     if plan.budget is not None:  # budgets are deterministic: replaying them on the traced values gives the decisions
-        keep = torch.stack([plan.budget.keep(importance(v), valid, None, k) for k, v, valid in trace.entries]).cpu()
+        protect = _protected(model, plan, mask.bool())
+        keep = torch.stack([plan.budget.keep(importance(v), valid, protect, k) for k, v, valid in trace.entries]).cpu()
     return keys, imp, keep
+
+
+def _protected(model, plan: SkipPlan, valid: torch.Tensor) -> torch.Tensor | None:
+    """The first real token of each row when the plan (or, by default, the gates) may not skip it."""
+    skip_bos = plan.skip_bos if plan.skip_bos is not None else model.gate_bank.config.skip_bos
+    if skip_bos:
+        return None
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    return positions[None, :] == valid.int().argmax(1)[:, None]
 
 
 @torch.no_grad()
