@@ -2,6 +2,7 @@
 say, an interrupted run resumes to the same parameters, DDP runs, bad inputs fail clearly."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -214,3 +215,14 @@ def test_the_gate_trace_survives_the_argument_copies_of_ddp_and_fsdp():
     batch = Blocks(ids, torch.ones_like(ids), ids)
     terms = train_module.loss_terms(model, batch, TrainConfig(), skip=0.2, teacher=None)
     assert terms.sparsity > 0.5
+
+
+@pytest.mark.slow
+def test_bundled_model_trains_gates_on_the_bundled_text(tmp_path):
+    """The offline default end to end: smollm2-135m, Shakespeare, frozen backbone, a few steps."""
+    final = train(TrainConfig(model="smollm2-135m", out=str(tmp_path), mode="frozen", steps=3, seq_len=64,
+                              batch_size=1, max_tokens=5_000, eval_blocks=2, ramp_steps=100))
+    model, _ = load_model("smollm2-135m")
+    load_gates(model, final)
+    records = [m for m in metrics(tmp_path) if "lm" in m]
+    assert len(records) == 3 and all(math.isfinite(m["lm"]) and m["lm"] < 6 for m in records)  # uniform: 10.8
