@@ -154,3 +154,15 @@ def test_cli_rejects_bad_sizes(tmp_path):
     args = parser.parse_args(["analyze", "smollm2-135m", "--out", str(tmp_path), "--sequences", "0"])
     with pytest.raises(GateSkipError, match="--sequences"):
         args.func(args)
+
+
+def test_a_lead_in_the_mean_alone_is_no_anchor():
+    record, classes = _record(first_high=True)
+    record.importance[:, :, 0] = 0.75  # above every class mean ...
+    record.importance[:, 0, 1] = 0.8  # ... but a content word tops sequence 0
+    record.importance[:, 1, 1] = 0.2
+    record.importance[:, 1, 2] = 0.76  # and a comma tops sequence 1
+    found = anchor_finding(record, classes, layers=3)
+    assert found["attn"]["first"] > max(found["attn"]["by_class"].values())
+    assert found["attn"]["first_is_top_share"] == 0.0
+    assert not found["attn"]["anchor"]
