@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates
 from gateskip.analysis import (
-    CLASSES, PLOTS, STATS, SUMMARY, GateRecord, analyze, anchor_finding, class_keep_rates, class_means, classify,
+    CLASSES, PLOTS, STATS, SUMMARY, GateRecord, _layer_ranges, analyze, anchor_finding, class_keep_rates, class_means, classify,
     collect, first_token_rank, register, token_class,
 )
 
@@ -85,9 +85,16 @@ def test_anchor_verdict_follows_the_numbers():
     assert found["attn"]["anchor"] and found["mlp"]["anchor"]
     assert found["attn"]["first"] == pytest.approx(0.9)
     assert found["attn"]["other_tokens"] == pytest.approx((0.5 * 4 + 0.7 * 2) / 6)
+    assert found["attn"]["first_leads_layers"] == [0, 1, 2]
     low = anchor_finding(*_record(first_high=False), layers=3)
     assert not low["attn"]["anchor"] and not low["mlp"]["anchor"]
     assert low["attn"]["first_is_top_share"] == 0.0
+    assert low["mlp"]["first_leads_layers"] == []
+
+
+def test_layer_ranges_read_like_a_person_writes_them():
+    assert _layer_ranges([0, 1, 2, 5, 7, 8]) == "layers 0-2, 5, 7-8"
+    assert _layer_ranges([3]) == "layers 3"
 
 
 @pytest.mark.parametrize("skip_bos", [True, False])

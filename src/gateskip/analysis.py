@@ -172,9 +172,14 @@ def anchor_finding(record: GateRecord, classes: torch.Tensor, layers: int) -> di
         rest = float(record.importance[idx][:, rest_sel].mean()) if int(rest_sel.sum()) else None
         others = {n: sum(means[n][i] for i in idx) / len(idx) for n in CLASSES[1:] if means[n][0] is not None}
         top = sum(ranks[i] for i in idx) / len(idx)
+        every = [i for i, k in enumerate(record.keys) if k.startswith(branch + ".")]
         found[branch] = {
             "first": first, "other_tokens": rest, "by_class": others, "first_is_top_share": top,
             "anchor": rest is not None and first > max(others.values(), default=rest) and top >= 0.5,
+            # Where in the whole depth the first token leads every class (the anchor may sit elsewhere).
+            "first_leads_layers": [int(record.keys[i].split(".")[1]) for i in every
+                                   if means["first"][i] > max((means[n][i] for n in CLASSES[1:] if means[n][i] is not None),
+                                                              default=float("inf"))],
         }
     return found
 
@@ -299,6 +304,17 @@ def _f(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "layers 0-2, 5, 7-8"."""
+    parts, start = [], None
+    for i, x in enumerate(layers):
+        start = x if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            parts.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return "layers " + ", ".join(parts)
+
+
 def summary_markdown(stats: dict, plots: dict[str, str]) -> str:
     """A short human reading of the statistics, every claim with its numbers."""
     lines = ["# Gate analysis", "",
@@ -322,6 +338,12 @@ def summary_markdown(stats: dict, plots: dict[str, str]) -> str:
             lines.append(f"| {branch} | {_f(r['first'])} | {_f(r['other_tokens'])} | {_f(c.get('punctuation'))} "
                          f"| {_f(c.get('function word'))} | {_f(c.get('content word'))} | {100 * r['first_is_top_share']:.0f}% "
                          f"| {'yes' if r['anchor'] else 'no'} |")
+    lines.append("")
+    for branch in ("attn", "mlp"):
+        if branch in a:
+            leads = a[branch]["first_leads_layers"]
+            lines.append(f"- {branch}: the first token's mean importance leads every other class in {len(leads)} of "
+                         f"{len(stats['selectivity'][branch])} layers" + (f" ({_layer_ranges(leads)})." if leads else "."))
     verdicts = [f"{b}: {'supported' if a[b]['anchor'] else 'not supported'}" for b in ("attn", "mlp") if b in a]
     lines += ["", f"Finding: the anchor claim is {'; '.join(verdicts)} on this model and text "
                   "(anchor = in the early layers the first token's mean importance is above every other token class's "
