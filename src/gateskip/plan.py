@@ -7,7 +7,7 @@ decoder layers as a keyword argument: nothing is stored on modules between calls
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,11 +19,16 @@ from .stats import SkipStats
 EXECUTIONS = ("masked", "physical")
 
 
-@dataclass
 class GateTrace:
-    """Gate values of one forward, collected for losses: (module key, values, valid mask)."""
+    """Gate values of one forward, collected for losses: (module key, values, valid mask).
 
-    entries: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    A plain class on purpose: DDP and FSDP rebuild dataclass arguments of forward on the
+    way in (torch.distributed.utils._apply_to_tensors), so a dataclass trace would be
+    filled as a copy and the caller's would stay empty.
+    """
+
+    def __init__(self, entries: list[tuple[str, torch.Tensor, torch.Tensor]] | None = None):
+        self.entries = [] if entries is None else entries
 
 
 @dataclass

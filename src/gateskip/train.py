@@ -39,7 +39,7 @@ from .errors import GateSkipError
 from .loading import load_model
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .model import add_gates, save_gates
-from .plan import SkipPlan
+from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
 MODES = ("full", "frozen", "lora")
@@ -250,20 +250,9 @@ def _to_device(blocks: Blocks, device: torch.device) -> Blocks:
 # ---------------------------------------------------------------- one step
 
 
-class SharedTrace:
-    """A GateTrace that distributed wrappers pass through untouched.
-
-    DDP on GPUs and FSDP rebuild dataclass and list arguments of forward on the way in
-    (torch.distributed.utils._apply_to_tensors), so a GateTrace inside the SkipPlan would be
-    filled as a copy and the caller's would stay empty. A plain object is passed as is."""
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-
-
 def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float, teacher) -> LossTerms:
     """Forward with masked skipping at ratio `skip` and every loss term."""
-    trace = SharedTrace()
+    trace = GateTrace()
     plan = SkipPlan(budget=skip, execution="masked", trace=trace)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, skip_plan=plan, use_cache=False)
     teacher_logits = teacher(batch.input_ids, batch.attention_mask) if teacher is not None else None
