@@ -160,7 +160,7 @@ def speculative_generate(
     `budget` (a calibrated ratio or a ThresholdBudget).
 
     adaptive: grow k by one after a fully accepted draft, shrink it by one after a
-    rejection (between 1 and max_k).
+    rejection (between 1 and max_k). generator: for sampling, on the model's device.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise GateSkipError(f"self-speculative decoding takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
