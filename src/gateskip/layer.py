@@ -28,8 +28,11 @@ def branch_norms(layer: nn.Module) -> dict[str, tuple[nn.Module, nn.Module | Non
     return {"attn": (layer.input_layernorm, None), "mlp": (layer.post_attention_layernorm, None)}
 
 
-def _add_masked(h: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+def _add_masked(h: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None, keep: torch.Tensor | None,
+                out_norm: nn.Module | None) -> torch.Tensor:
     """Masked execution: every token was computed; skipped ones contribute nothing."""
+    if out_norm is not None:
+        out = out_norm(out)
     if gate is not None:
         out = out * gate
     if keep is not None:
@@ -49,6 +52,17 @@ def _add_rows(h: torch.Tensor, result, gate: torch.Tensor | None, out_norm: nn.M
     return scatter_add_rows(h, rows, out)
 
 
+def _gate_and_keep(ctx: ForwardContext, branch: str, layer: int, x: torch.Tensor):
+    """Gate values of a branch input (None if ungated) and the keep mask the budget derives from them."""
+    gate = ctx.gate(branch, layer)
+    g = gate(x) if gate is not None else None
+    return g, ctx.decide(f"{branch}.{layer}", g)
+
+
+def _skips_physically(ctx: ForwardContext, keep: torch.Tensor | None) -> bool:
+    return ctx.physical and keep is not None and not bool(keep.all())
+
+
 class GatedLayerMixin:
     """Mixed in before an HF decoder layer class; see gateskip.model.add_gates."""
 
@@ -66,30 +80,21 @@ class GatedLayerMixin:
         # Attention branch
         norm_in, norm_out = norms["attn"]
         x = norm_in(h)
-        gate = skip_ctx.gate("attn", layer)
-        g = gate(x) if gate is not None else None
-        keep = skip_ctx.decide(f"attn.{layer}", g)
-        if skip_ctx.physical and keep is not None and not bool(keep.all()):
+        g, keep = _gate_and_keep(skip_ctx, "attn", layer, x)
+        if _skips_physically(skip_ctx, keep):
             result = attention_physical(self.self_attn, x, keep, position_embeddings, attention_mask, cache, kwargs)
             h = _add_rows(h, result, g, norm_out)
         else:
             out, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                     cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-            if norm_out is not None:
-                out = norm_out(out)
-            h = _add_masked(h, out, g, keep)
+            h = _add_masked(h, out, g, keep, norm_out)
 
         # MLP branch
         norm_in, norm_out = norms["mlp"]
         x = norm_in(h)
-        gate = skip_ctx.gate("mlp", layer)
-        g = gate(x) if gate is not None else None
-        keep = skip_ctx.decide(f"mlp.{layer}", g)
-        if skip_ctx.physical and keep is not None and not bool(keep.all()):
+        g, keep = _gate_and_keep(skip_ctx, "mlp", layer, x)
+        if _skips_physically(skip_ctx, keep):
             h = _add_rows(h, branch_physical(self.mlp, x, keep), g, norm_out)
         else:
-            out = self.mlp(x)
-            if norm_out is not None:
-                out = norm_out(out)
-            h = _add_masked(h, out, g, keep)
+            h = _add_masked(h, self.mlp(x), g, keep, norm_out)
         return h
