@@ -79,6 +79,9 @@ class Job:
         self.model, self.out, self.sizes, self.console = model, Path(out), sizes, console
         self.out.mkdir(parents=True, exist_ok=True)
         self.stages: dict[str, dict] = {}
+        # Timings of earlier invocations: a reused stage reports what it cost when it ran.
+        saved = self.out / "summary.json"
+        self.earlier: dict[str, dict] = json.loads(saved.read_text())["stages"] if saved.is_file() else {}
         self._check_same_job()
 
     def _check_same_job(self) -> None:
@@ -104,7 +107,10 @@ class Job:
             def __exit__(self, *exc):
                 seconds, cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
                 if exc[0] is None:
-                    job.stages[name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "reused": reused}
+                    measured = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}
+                    if reused and name in job.earlier:
+                        measured = {k: job.earlier[name][k] for k in measured}
+                    job.stages[name] = {**measured, "reused": reused}
                     job.console.print(f"[dim]{name}: {seconds:.0f} s wall, {cpu:.0f} s CPU[/]")
 
         return _Stage()
@@ -139,15 +145,18 @@ def stage_train(job: Job) -> Path:
 
 
 def training_summary(run_dir: Path) -> dict:
-    """First and last training losses and the final validation loss, from metrics.jsonl."""
+    """Losses from metrics.jsonl, compared at equal skip ratios: the loss of the first step (nothing
+    skipped yet) and, over the steps at the full target ratio, the first half against the second."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "lm" in r]
     val = [r for r in rows if "val_loss" in r]
-    k = max(1, len(steps) // 5)
+    full = [r for r in steps if r["skip_ratio"] == steps[-1]["skip_ratio"]]
+    half = max(1, len(full) // 2)
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     return {
-        "steps": len(steps), "lm_first": mean(steps[:k], "lm"), "lm_last": mean(steps[-k:], "lm"),
-        "gate_first": mean(steps[:k], "mean_gate"), "gate_last": mean(steps[-k:], "mean_gate"),
+        "steps": len(steps), "lm_step1": steps[0]["lm"], "target_skip": steps[-1]["skip_ratio"],
+        "lm_full_skip_early": mean(full[:half], "lm"), "lm_full_skip_late": mean(full[-half:], "lm"),
+        "gate_first": steps[0]["mean_gate"], "gate_last": steps[-1]["mean_gate"],
         "val_loss": val[-1]["val_loss"] if val else None, "val_skip": val[-1]["val_skip_ratio"] if val else None,
         "tokens_per_s": mean(steps, "tokens_per_s"),
     }
@@ -266,9 +275,10 @@ def _pct(x) -> str:
 def findings(job: Job, trained: dict, records: list[dict], bench: dict, stats: dict) -> list[str]:
     """The few sentences the summary leads with, each with its numbers."""
     lines = [f"training ({trained['steps']} steps, frozen backbone, low-rank gates, first token protected): LM loss "
-             f"{trained['lm_first']:.3f} -> {trained['lm_last']:.3f}, mean gate {trained['gate_first']:.3f} -> "
-             f"{trained['gate_last']:.3f}" + (f", validation loss {trained['val_loss']:.3f} at skip {trained['val_skip']:g}"
-                                               if trained["val_loss"] is not None else "")]
+             f"{trained['lm_step1']:.3f} at step 1 (nothing skipped); at skip {trained['target_skip']:g} it fell from "
+             f"{trained['lm_full_skip_early']:.3f} to {trained['lm_full_skip_late']:.3f} (first vs second half of those "
+             f"steps); mean gate {trained['gate_first']:.3f} -> {trained['gate_last']:.3f}"
+             + (f"; validation loss {trained['val_loss']:.3f} at skip {trained['val_skip']:g}" if trained["val_loss"] is not None else "")]
     rows = summarize(records)
     for task in job.sizes.tasks:
         pts = {(r["method"], r["budget"]): r for r in records if r["task"] == task and r["metric"] == "acc"}
@@ -297,8 +307,8 @@ def findings(job: Job, trained: dict, records: list[dict], bench: dict, stats: d
 def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stats: dict, lines: list[str], wall: float) -> Path:
     """report.md (everything, with the plots), summary.json (the numbers)."""
     s = job.sizes
-    timings = ["| stage | wall | CPU (all threads) | |", "|---|---|---|---|"] + [
-        f"| {k} | {v['seconds']:.0f} s | {v['cpu_seconds']:.0f} s | {'reused' if v['reused'] else ''} |"
+    timings = ["| stage | wall | CPU (all threads) | in this invocation |", "|---|---|---|---|"] + [
+        f"| {k} | {v['seconds']:.0f} s | {v['cpu_seconds']:.0f} s | {'reused (time of the run that made it)' if v['reused'] else 'ran'} |"
         for k, v in job.stages.items()]
     md = ["# GateSkip main job", "",
           f"Model `{job.model}`; {torch.get_num_threads()} threads on {os.cpu_count()} cores; wall time {wall / 60:.1f} min, "
