@@ -282,7 +282,8 @@ def plot_thresholds(thresholds: dict[str, dict[str, float]], keys: list[str], pa
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
     for ax, branch in zip(axes, ("attn", "mlp")):
         for ratio in sorted(thresholds, key=float):
-            pts = [(int(k.split(".")[1]), thresholds[ratio][k]) for k in keys if k.startswith(branch + ".") and k in thresholds[ratio]]
+            pts = [(int(k.split(".")[1]), thresholds[ratio][k])
+                   for k in keys if k.startswith(branch + ".") and k in thresholds[ratio]]
             pts = [(x, y) for x, y in pts if abs(y) != float("inf")]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=f"ratio {ratio}")
@@ -329,7 +330,8 @@ def summary_markdown(stats: dict, plots: dict[str, str]) -> str:
     a = stats["anchor"]
     lines += ["## Does the first token act as an anchor? (paper: BOS tokens get the highest gate values in early layers)",
               "", f"First token: {stats['first_token']!r}. Early layers = layers 0-{a['early_layers'] - 1}.", "",
-              "| branch | first token | other tokens | punctuation | function words | content words | first token is the top token of its sequence | anchor? |",
+              "| branch | first token | other tokens | punctuation | function words | content words "
+              "| first token is the top token of its sequence | anchor? |",
               "|---|---|---|---|---|---|---|---|"]
     for branch in ("attn", "mlp"):
         if branch in a:
@@ -408,7 +410,8 @@ def analyze(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor | None, out:
     return stats
 
 
-def sample_sequences(tokenizer, source: str = "bundled", sequences: int = 8, length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_sequences(tokenizer, source: str = "bundled", sequences: int = 8,
+                     length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask): `sequences` rows of `length` tokens, each the tokenizer's BOS (when it has one)
     followed by text. The bundled text is read from its end (the last plays), the part that
     `gateskip demo` leaves out of training; other sources from their start."""
@@ -435,7 +438,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="gate statistics and plots (importance per layer, token classes, skip pattern)")
     p.add_argument("model", help="bundled model name, local folder or hub id")
     p.add_argument("--gates", help="gate file or folder (without it: fresh untrained low-rank gates, a control)")
-    p.add_argument("--text", default="bundled", help="sample text: 'bundled' (read from its end, which gateskip demo does not train on), a .txt/.jsonl file or a dataset folder")
+    p.add_argument("--text", default="bundled", help="sample text: 'bundled' (read from its end, which gateskip demo "
+                   "does not train on), a .txt/.jsonl file or a dataset folder")
     p.add_argument("--out", type=Path, required=True, help="folder for the plots, analysis.md and analysis.json")
     p.add_argument("--budget", type=float, default=0.25, help="skip ratio for the skip pattern and keep rates")
     p.add_argument("--sequences", type=int, default=8, help="sample sequences")

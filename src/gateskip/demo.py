@@ -278,7 +278,8 @@ def findings(job: Job, trained: dict, records: list[dict], bench: dict, stats: d
              f"{trained['lm_step1']:.3f} at step 1 (nothing skipped); at skip {trained['target_skip']:g} it fell from "
              f"{trained['lm_full_skip_early']:.3f} to {trained['lm_full_skip_late']:.3f} (first vs second half of those "
              f"steps); mean gate {trained['gate_first']:.3f} -> {trained['gate_last']:.3f}"
-             + (f"; validation loss {trained['val_loss']:.3f} at skip {trained['val_skip']:g}" if trained["val_loss"] is not None else "")]
+             + (f"; validation loss {trained['val_loss']:.3f} at skip {trained['val_skip']:g}"
+                if trained["val_loss"] is not None else "")]
     rows = summarize(records)
     for task in job.sizes.tasks:
         pts = {(r["method"], r["budget"]): r for r in records if r["task"] == task and r["metric"] == "acc"}
@@ -308,7 +309,8 @@ def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stat
     """report.md (everything, with the plots), summary.json (the numbers)."""
     s = job.sizes
     timings = ["| stage | wall | CPU (all threads) | in this invocation |", "|---|---|---|---|"] + [
-        f"| {k} | {v['seconds']:.0f} s | {v['cpu_seconds']:.0f} s | {'reused (time of the run that made it)' if v['reused'] else 'ran'} |"
+        f"| {k} | {v['seconds']:.0f} s | {v['cpu_seconds']:.0f} s "
+        f"| {'reused (time of the run that made it)' if v['reused'] else 'ran'} |"
         for k, v in job.stages.items()]
     md = ["# GateSkip main job", "",
           f"Model `{job.model}`; {torch.get_num_threads()} threads on {os.cpu_count()} cores. This invocation: wall time "
@@ -319,7 +321,8 @@ def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stat
     md += ["", "## Training", "",
            f"Frozen backbone, low-rank gates (rank 32), {s.train_steps} steps of {s.train_batch} x {s.train_seq_len} tokens "
            f"from the first {s.train_tokens} tokens of the bundled text, gate lr {s.gate_lr:g}, skip ratio ramped to "
-           f"{s.target_skip:g} (masked), first token never skipped. Metrics: `train/metrics.jsonl`; gates: `gates/{GATE_FILE}` (with thresholds).", "",
+           f"{s.target_skip:g} (masked), first token never skipped. Metrics: `train/metrics.jsonl`; "
+           f"gates: `gates/{GATE_FILE}` (with thresholds).", "",
            "## Accuracy vs compute", "",
            f"lm-eval on the bundled tasks, first {s.limit} items each; `random` skips as many tokens per module, "
            "chosen at random (no gate cost charged); net saving subtracts the gates' own FLOPs.", "",
@@ -337,7 +340,8 @@ def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stat
     for r in bench["decode"]["rows"]:
         text = r["text"].replace("\n", " ").replace("|", "/")[:80]
         md.append(f"| {'ungated' if r['budget'] is None else r['budget']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
-                  f"| {_pct(r.get('skip_fraction'))} | {_pct(r.get('net_saving'))} | {_pct(r.get('same_tokens_as_ungated'))} | {text} |")
+                  f"| {_pct(r.get('skip_fraction'))} | {_pct(r.get('net_saving'))} "
+                  f"| {_pct(r.get('same_tokens_as_ungated'))} | {text} |")
     md += ["", "## Gate analysis", "", f"See [analysis/{ANALYSIS_SUMMARY}](analysis/{ANALYSIS_SUMMARY}).", "",
            "![importance heatmap](analysis/importance_heatmap.png)", "",
            "![importance by token class](analysis/importance_by_token_class.png)", "",
