@@ -43,6 +43,10 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The same colour for a method in every figure.
+COLORS = {"gateskip": "C0", "random": "C1", "shortgpt": "C2", "calm": "C3"}
+
+
 def plot(records: list[dict], path: str | Path) -> Path:
     """One panel per task: primary metric vs net FLOP saving, one line per method; the
     ungated base model as a dashed line and 90 % of it as a dotted one."""
@@ -63,7 +67,7 @@ def plot(records: list[dict], path: str | Path) -> Path:
                 target = ys[0] / 0.9 if recs[0]["metric"] in LOWER_IS_BETTER else 0.9 * ys[0]
                 ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="90% of base")
             else:
-                ax.plot(xs, ys, marker="o", label=method)
+                ax.plot(xs, ys, marker="o", label=method, color=COLORS.get(method))
         ax.set_title(task)
         ax.set_xlabel("net FLOP saving (% of decoder layers)")
         ax.set_ylabel(recs[0]["metric"])
