@@ -1,6 +1,7 @@
 """The main job (`gateskip demo --quick`) end to end on a tiny local model with the bundled tokenizer."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -57,6 +58,13 @@ def test_quick_job_writes_the_report_and_reuses_it(tiny_folder, tmp_path, capsys
     assert all(stage["reused"] for stage in again["stages"].values())
     for name, stage in again["stages"].items():  # a reused stage reports what it cost when it ran
         assert stage["seconds"] == summary["stages"][name]["seconds"]
+
+    # Gates made anew (here: training resumed from its last checkpoint) make every later result stale.
+    shutil.rmtree(out / "train" / "final")
+    assert main(["demo", "--quick", "--model", str(tiny_folder), "--out", str(out)]) == 0
+    third = json.loads((out / "summary.json").read_text())
+    assert not any(stage["reused"] for stage in third["stages"].values())
+    assert third["training"] == summary["training"]  # resumed at the last step: nothing retrained
     assert again["benchmarks"] == summary["benchmarks"]
 
 

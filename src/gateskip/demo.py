@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ class Job:
         self.model, self.out, self.sizes, self.console = model, Path(out), sizes, console
         self.out.mkdir(parents=True, exist_ok=True)
         self.stages: dict[str, dict] = {}
+        self.gates_changed = False  # set when training or calibration ran: later results are stale
         # Timings of earlier invocations: a reused stage reports what it cost when it ran.
         saved = self.out / "summary.json"
         self.earlier: dict[str, dict] = json.loads(saved.read_text())["stages"] if saved.is_file() else {}
@@ -115,6 +117,12 @@ class Job:
 
         return _Stage()
 
+    def reusable(self, path: Path) -> bool:
+        """Whether a stage's output at `path` can be reused; stale output (made with other gates) is deleted."""
+        if self.gates_changed and path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return path.exists()
+
     def write_json(self, name: str, data) -> None:
         tmp = self.out / (name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -134,6 +142,7 @@ def stage_train(job: Job) -> Path:
     final = run_dir / "final" / GATE_FILE
     with job.stage("1. train gates", reused=final.is_file()):
         if not final.is_file():
+            job.gates_changed = True
             cfg = TrainConfig(
                 model=job.model, out=str(run_dir), steps=s.train_steps, mode="frozen", gate_kind="lowrank",
                 batch_size=s.train_batch, seq_len=s.train_seq_len, gate_lr=s.gate_lr, target_skip=s.target_skip,
@@ -167,9 +176,10 @@ def stage_calibrate(job: Job, model, tokenizer, trained: Path) -> Path:
     s = job.sizes
     gates = job.out / "gates" / GATE_FILE
     ratios = sorted({b for b in s.budgets + s.speed_budgets if b > 0})
-    done = gates.is_file() and all(ratio_key(r) in load_gates(model, gates).gate_bank.thresholds for r in ratios)
+    done = job.reusable(gates) and all(ratio_key(r) in load_gates(model, gates).gate_bank.thresholds for r in ratios)
     with job.stage("2. calibrate thresholds", reused=done):
         if not done:
+            job.gates_changed = True
             load_gates(model, trained)
             calibrate(model, sample_tokens(tokenizer, "bundled", s.calib_sequences, s.calib_length), ratios)
             save_gates(model, gates)
@@ -183,7 +193,8 @@ def stage_sweep(job: Job, model, tokenizer, gates: Path) -> list[dict]:
     settings = SweepSettings(model=job.model, gates=str(gates), limit=s.limit, data="bundled", calibrated=True)
     sweep = Sweep(settings, list(s.tasks), list(s.budgets), ["gateskip", "random"], folder)
     n_points = len(s.tasks) * (1 + 2 * len(s.budgets))
-    done = (folder / "results.json").is_file() and len(json.loads((folder / "results.json").read_text())["records"]) > 0
+    results = folder / "results.json"
+    done = job.reusable(folder) and results.is_file() and len(json.loads(results.read_text())["records"]) > 0
     with job.stage(f"3. accuracy sweep ({n_points} points)", reused=done):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         trained_bank = model.gate_bank
@@ -240,7 +251,7 @@ def stage_benchmarks(job: Job, model, tokenizer) -> dict:
     """Prefill (physical skipping, quantile budget) and greedy decoding (calibrated thresholds), side by side."""
     s = job.sizes
     path = job.out / "benchmarks.json"
-    with job.stage("4. prefill and decoding benchmarks", reused=path.is_file()):
+    with job.stage("4. prefill and decoding benchmarks", reused=job.reusable(path)):
         if path.is_file():
             return json.loads(path.read_text())
         ids, _ = sample_sequences(tokenizer, "bundled", s.prefill_batch, s.prefill_length)
@@ -257,7 +268,7 @@ def stage_benchmarks(job: Job, model, tokenizer) -> dict:
 def stage_analysis(job: Job, model, tokenizer, gates: Path) -> dict:
     s = job.sizes
     folder = job.out / "analysis"
-    with job.stage("5. gate analysis", reused=(folder / "analysis.json").is_file()):
+    with job.stage("5. gate analysis", reused=job.reusable(folder) and (folder / "analysis.json").is_file()):
         if (folder / "analysis.json").is_file():
             return json.loads((folder / "analysis.json").read_text())
         ids, mask = sample_sequences(tokenizer, "bundled", s.analysis_sequences, s.analysis_length)
