@@ -1,12 +1,9 @@
 """Write docs/cli.md from the argparse parsers: COLUMNS=100 .venv/bin/python docs/gen_cli.py > docs/cli.md"""
 import argparse
-from gateskip import analysis
 from gateskip.cli import build_parser
 
 parser = build_parser()
 sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-if "analyze" not in sub.choices:  # until cli.py registers it
-    analysis.register(sub)
 print("# CLI reference\n")
 print("Generated from the argparse parsers of `gateskip` (each block is exactly what `gateskip COMMAND --help`")
 print("prints, at 100 columns). Regenerate after changing an option:\n")
