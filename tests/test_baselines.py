@@ -80,11 +80,13 @@ def test_random_budget_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c) and int((~a).sum()) == 16
 
 
-def test_gateskip_method_needs_gates_and_unknown_methods_fail():
+def test_methods_that_need_gates_say_so_and_unknown_methods_fail():
     model = tiny_model()
     with pytest.raises(GateSkipError, match="needs gates"):
         make_method("gateskip", model)
-    with pytest.raises(GateSkipError, match="unknown method 'mod'"):
+    with pytest.raises(GateSkipError, match="unknown method 'moe'"):
+        make_method("moe", gated())
+    with pytest.raises(GateSkipError, match="method mod needs a router"):
         make_method("mod", gated())
 
 

@@ -5,10 +5,11 @@ import json
 
 import lm_eval
 import pytest
+import torch
 from datasets import Dataset
 
 from conftest import tiny_model
-from gateskip import GateSkipError
+from gateskip import GateConfig, GateSkipError, add_gates, save_gates
 from gateskip.evaluation import cli
 from gateskip.evaluation.sweep import FIGURE, RECORD_KEYS, RESULTS, TABLE, parse_budgets
 from test_eval_harness import char_tokenizer
@@ -137,6 +138,23 @@ def test_generative_task_skips_in_decoding_only_when_calibrated(model_dir, tiny_
     assert points[True]["skip_fraction"] > points[False]["skip_fraction"] + 0.03
 
 
+def test_mod_router_runs_beside_the_gates(model_dir, tiny_task, tmp_path):
+    """A MoD-style router (scalar gates from their own file) and GateSkip gates, one sweep, one backbone."""
+    router = add_gates(tiny_model(), GateConfig(kind="scalar"))
+    with torch.no_grad():
+        for p in router.gate_bank.parameters():
+            p.normal_(0.0, 0.3)
+    router_file = save_gates(router, tmp_path / "router")
+    out = tmp_path / "sweep"
+    args = eval_args(model_dir, tiny_task, out, "--fresh-gates", "vector", "--router", str(router_file),
+                     "--method", "gateskip,mod", "--budgets", "0,0.5")
+    assert cli.run(args) == 0
+    acc = {(r["method"], r["budget"]): r for r in json.loads((out / RESULTS).read_text())["records"]}
+    assert acc[("mod", 0.5)]["skip_fraction"] == pytest.approx(0.5, abs=0.06)
+    # both charged for their gates: a scalar router costs 2d per token, a vector gate 2d^2
+    assert acc[("gateskip", 0.0)]["net_saving"] < acc[("mod", 0.0)]["net_saving"] < 0
+
+
 def test_interrupted_sweep_resumes_without_recomputing(model_dir, tiny_task, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     real = lm_eval.simple_evaluate
@@ -180,6 +198,7 @@ def test_resume_refuses_a_sweep_with_other_settings(model_dir, tiny_task, tmp_pa
     (["--budgets", "0,lots"], "not a number"),
     (["--method", "gateskip"], "needs gates"),
     (["--gates", "/nonexistent/gates.safetensors"], "no gate file"),
+    (["--method", "mod"], "method mod and --router go together"),
 ])
 def test_bad_inputs_give_one_line_errors(model_dir, tiny_task, tmp_path, extra, message):
     with pytest.raises(GateSkipError, match=message):

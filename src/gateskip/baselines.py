@@ -10,6 +10,10 @@ accounting, so the curves are comparable:
   gates' ranking is worth.
 - calm: CALM-style early exit: a token leaves the network once a layer barely changes
   its hidden state (saturation threshold set on sample text to meet the budget).
+- mod: a Mixture-of-Depths-style router: scalar (linear d -> 1) gates trained with
+  skipping but without the sparsity loss (`gateskip train --gate-kind scalar
+  --sparsity-weight 0`), loaded from their own file and run like gateskip (per-sequence
+  top-k through the quantile budget, branch output scaled by the router's sigmoid).
 - shortgpt: static layer removal (Men et al., 2024): the round(budget * layers) layers
   with the lowest Block Influence 1 - cos(h_in, h_out) on sample text skip every token.
   `remove_layers` / `gateskip prune` delete them for real, e.g. before training gates.
@@ -38,7 +42,7 @@ from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
 
-METHODS = ("gateskip", "base", "random", "shortgpt", "calm")
+METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
 
 QUANTILE_DECODE = "per-sequence quantile in decoding: single-token steps skip nothing"
 
@@ -223,12 +227,18 @@ class Method:
         return score, score, QUANTILE_DECODE + " (no calibrated thresholds for this budget)"
 
 
-def make_method(name: str, model, sample: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> Method:
+def make_method(name: str, model, sample: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
+                router: GateBank | None = None) -> Method:
     """Build a method for a model that already carries its gates (learned ones for gateskip).
 
-    `sample` (ids, mask) is the text ShortGPT ranks layers on."""
+    `sample` (ids, mask) is the text ShortGPT and CALM calibrate on; `router` the gate bank
+    of a MoD-style router (method mod)."""
     if name not in METHODS:
         raise GateSkipError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name == "mod":
+        if router is None:
+            raise GateSkipError("method mod needs a router: pass --router PATH (see docs/evaluation.md)")
+        return Method(name, router, charge_gates=True)
     if name == "gateskip":
         if getattr(model, "gate_bank", None) is None:
             raise GateSkipError("method gateskip needs gates: pass --gates PATH (or --fresh-gates KIND)")

@@ -12,7 +12,7 @@ from ..baselines import IDENTITY_GATES, METHODS, make_method
 from ..calibrate import calibrate
 from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
-from ..model import add_gates, load_gates
+from ..model import add_gates, load_gates, remove_gates
 from .sweep import FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list, run_sweep, sample_texts
 
 DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     gates = p.add_mutually_exclusive_group()
     gates.add_argument("--gates", help="gate file or folder saved by gateskip (method gateskip)")
     gates.add_argument("--fresh-gates", choices=GATE_KINDS, help="untrained gates of this kind (a control)")
+    p.add_argument("--router", help="gate file of a MoD-style router (method mod), on the same backbone")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,piqa")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated skip ratios (default {DEFAULT_BUDGETS})")
     p.add_argument("--method", default="gateskip", help=f"comma-separated methods from {', '.join(METHODS)}")
@@ -65,16 +66,23 @@ def run(args: argparse.Namespace) -> int:
         raise GateSkipError(f"--limit must be a positive number of documents, got {args.limit}")
     if "gateskip" in methods and not (args.gates or args.fresh_gates):
         raise GateSkipError("method gateskip needs gates: pass --gates PATH or --fresh-gates KIND")
-    if args.gates and not Path(args.gates).exists():
-        raise GateSkipError(f"no gate file at {args.gates}")
+    for path in (args.gates, args.router):
+        if path and not Path(path).exists():
+            raise GateSkipError(f"no gate file at {path}")
+    if ("mod" in methods) != bool(args.router):
+        raise GateSkipError("method mod and --router go together")
     if args.calibrate and "gateskip" not in methods:
         raise GateSkipError("--calibrate sets thresholds for the gateskip method; add it to --method")
     gates = args.gates or (f"fresh:{args.fresh_gates}:seed{args.seed}" if args.fresh_gates else None)
-    settings = SweepSettings(model=args.model, gates=gates, limit=args.limit, data=args.data, quantize=args.quantize,
-                             num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate, dtype=args.dtype,
+    settings = SweepSettings(model=args.model, gates=gates, router=args.router, limit=args.limit, data=args.data,
+                             quantize=args.quantize, num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate, dtype=args.dtype,
                              batch_size=args.batch_size, sample_text=str(args.sample_text) if args.sample_text else None)
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    router = None
+    if args.router:  # loaded first, then set aside: the model carries the gateskip gates
+        router = load_gates(model, args.router).gate_bank
+        remove_gates(model)
     if args.gates:
         load_gates(model, args.gates)
     else:
@@ -89,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     sample = _sample_batch(tokenizer, args.sample_text, device) if needs_sample else None
     if args.calibrate:
         calibrate(model, sample, [b for b in budgets if b > 0])
-    built = {name: make_method(name, model, sample, seed=args.seed) for name in dict.fromkeys(["base", *methods])}
+    built = {name: make_method(name, model, sample, seed=args.seed, router=router)
+             for name in dict.fromkeys(["base", *methods])}
 
     sweep = Sweep(settings, tasks, budgets, methods, args.out, include=args.include_path)
     run_sweep(sweep, model, tokenizer, built)

@@ -44,7 +44,7 @@ def markdown_table(records: list[dict]) -> str:
 
 
 # The same colour for a method in every figure.
-COLORS = {"gateskip": "C0", "random": "C1", "shortgpt": "C2", "calm": "C3"}
+COLORS = {"gateskip": "C0", "random": "C1", "shortgpt": "C2", "calm": "C3", "mod": "C4"}
 
 
 def plot(records: list[dict], path: str | Path) -> Path:

@@ -50,6 +50,7 @@ class SweepSettings:
     dtype: str = "float32"
     batch_size: int = 1  # above 1, right-padding counts as tokens (see GatedLM)
     sample_text: str | None = None  # None: the bundled SQuAD passages
+    router: str | None = None  # gate file of the MoD-style router (method mod)
 
 
 @dataclass
