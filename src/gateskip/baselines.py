@@ -220,10 +220,12 @@ class Method:
             plan = SkipPlan(budget=ExitBudget({}, budget, watch=self.watch), stats=stats)
             return plan, plan, f"exit at saturation cos >= {self.watch.threshold:.4f}, in decode steps too"
         score = SkipPlan(budget=budget, stats=stats)
+        if budget == 0:  # gates applied, nothing skipped, in prefill and decoding alike
+            return score, score, ""
         key = ratio_key(budget)
-        if budget == 0 or key in self.bank.thresholds:
-            thresholds = {k: -math.inf for k in self.bank.module_keys()} if budget == 0 else self.bank.thresholds[key]
-            return score, SkipPlan(budget=ThresholdBudget(dict(thresholds), budget), stats=stats), "calibrated thresholds in decoding"
+        if key in self.bank.thresholds:
+            decode = SkipPlan(budget=ThresholdBudget(dict(self.bank.thresholds[key]), budget), stats=stats)
+            return score, decode, "calibrated thresholds in decoding"
         return score, score, QUANTILE_DECODE + " (no calibrated thresholds for this budget)"
 
 
