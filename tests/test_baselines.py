@@ -151,3 +151,13 @@ def test_calm_exits_for_good_and_decodes_with_exits():
     assert skipped == sorted(skipped) and skipped[-1] > 0  # an exited token skips every later module
     assert out.shape[1] == 24 + 4
     assert not method.watch._handles  # hooks are gone once the method is detached
+
+
+def test_baselines_follow_the_gates_first_token_policy_except_shortgpt():
+    model = add_gates(tiny_model(), GateConfig(kind="vector", skip_bos=False))
+    ids, mask = padded_batch([20, 20], 20)
+    for name in ("random", "calm"):
+        assert make_method(name, model, sample=(ids, mask)).bank.config.skip_bos is False
+    shortgpt = make_method("shortgpt", model, sample=(ids, mask))
+    plan, _, _ = shortgpt.plans(1 / 3, SkipStats())
+    assert plan.skip_bos is True

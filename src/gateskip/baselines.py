@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -51,9 +52,14 @@ IDENTITY_GATES = GateConfig(kind="scalar", init_std=0.0, init_bias=50.0)
 
 
 def identity_bank(model) -> GateBank:
-    """A gate bank that changes no output; it only lets budgets choose tokens to skip."""
+    """A gate bank that changes no output; it only lets budgets choose tokens to skip.
+
+    It takes the first-token policy of the model's own gates, so a baseline may skip the
+    first token exactly when the gates it is compared with may."""
     param = next(model.parameters())
-    bank = GateBank(len(decoder_layers(model)), model.config.hidden_size, IDENTITY_GATES)
+    own = getattr(model, "gate_bank", None)
+    config = IDENTITY_GATES if own is None else dataclasses.replace(IDENTITY_GATES, skip_bos=own.config.skip_bos)
+    bank = GateBank(len(decoder_layers(model)), model.config.hidden_size, config)
     return bank.to(device=param.device, dtype=torch.float32)
 
 
@@ -213,7 +219,8 @@ class Method:
             return plan, plan, QUANTILE_DECODE
         if self.name == "shortgpt":
             n = round(budget * self.bank.num_layers)
-            plan = SkipPlan(budget=layer_budget(self.bank.module_keys(), self.layer_order[:n], budget), stats=stats)
+            layers = layer_budget(self.bank.module_keys(), self.layer_order[:n], budget)
+            plan = SkipPlan(budget=layers, skip_bos=True, stats=stats)  # removed layers see no token at all
             return plan, plan, f"{n} layers removed"
         if self.name == "calm":
             self.watch.threshold = exit_threshold(self.sample_cos, budget)
