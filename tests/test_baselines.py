@@ -161,3 +161,15 @@ def test_baselines_follow_the_gates_first_token_policy_except_shortgpt():
     shortgpt = make_method("shortgpt", model, sample=(ids, mask))
     plan, _, _ = shortgpt.plans(1 / 3, SkipStats())
     assert plan.skip_bos is True
+
+
+def test_a_method_gives_the_model_its_own_gates_back():
+    from conftest import tiny_model
+    from gateskip import add_gates
+    from gateskip.baselines import Method, identity_bank
+
+    model = add_gates(tiny_model())
+    own = model.gate_bank
+    with Method("random", identity_bank(model), charge_gates=False).attached(model):
+        assert model.gate_bank is not own
+    assert model.gate_bank is own

@@ -200,7 +200,9 @@ class Method:
 
     @contextlib.contextmanager
     def attached(self, model):
-        """Put this method's gates (and, for calm, its exit hooks) on the model for a while."""
+        """Put this method's gates (and, for calm, its exit hooks) on the model for a while;
+        the model's own gates are back afterwards."""
+        own = model.gate_bank
         model.gate_bank = self.bank
         if self.watch is not None:
             self.watch.attach(model)
@@ -209,6 +211,7 @@ class Method:
         finally:
             if self.watch is not None:
                 self.watch.detach()
+            model.gate_bank = own
 
     def plans(self, budget: float, stats: SkipStats) -> tuple[SkipPlan, SkipPlan, str]:
         if self.name == "base":
