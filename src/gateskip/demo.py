@@ -197,12 +197,8 @@ def stage_sweep(job: Job, model, tokenizer, gates: Path) -> list[dict]:
     done = job.reusable(folder) and results.is_file() and len(json.loads(results.read_text())["records"]) > 0
     with job.stage(f"3. accuracy sweep ({n_points} points)", reused=done):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        trained_bank = model.gate_bank
         methods = {name: make_method(name, model) for name in ("base", "gateskip", "random")}
-        try:
-            records = run_sweep(sweep, model, tokenizer, methods)
-        finally:
-            model.gate_bank = trained_bank  # the sweep swaps banks between methods
+        records = run_sweep(sweep, model, tokenizer, methods)
     return records
 
 
