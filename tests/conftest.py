@@ -20,7 +20,7 @@ def tiny_model(family: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     common = dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
     )
     if family == "llama":
         cfg, cls = LlamaConfig(**common), LlamaForCausalLM

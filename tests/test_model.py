@@ -221,3 +221,15 @@ def test_the_first_token_policy_travels_with_the_gates(tmp_path):
     stats = SkipStats()
     logits(model, ids, mask, SkipPlan(budget=1.0, skip_bos=True, stats=stats))
     assert all(c.skipped == 4 for c in stats.modules().values())  # unless the plan says otherwise
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_masked_and_physical_agree_on_long_padded_sequences(family, side):
+    model = add_gates(tiny_model(family), GateConfig(kind="lowrank", rank=8))
+    scramble_gates(model)
+    ids, mask = padded_batch([300, 170], 300, side=side)
+    for budget in (0.25, 0.5):
+        masked = logits(model, ids, mask, SkipPlan(budget=budget, execution="masked"))
+        physical = logits(model, ids, mask, SkipPlan(budget=budget, execution="physical"))
+        assert torch.allclose(masked[mask.bool()], physical[mask.bool()], atol=1e-4, rtol=0)
