@@ -63,6 +63,11 @@ def _skips_physically(ctx: ForwardContext, keep: torch.Tensor | None) -> bool:
     return ctx.physical and keep is not None and not bool(keep.all())
 
 
+def _mask_to_apply(ctx: ForwardContext, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """Physical execution reaches the dense path only when every token is kept: no mask to multiply."""
+    return None if ctx.physical else keep
+
+
 class GatedLayerMixin:
     """Mixed in before an HF decoder layer class; see gateskip.model.add_gates."""
 
@@ -87,7 +92,7 @@ class GatedLayerMixin:
         else:
             out, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                     cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-            h = _add_masked(h, out, g, keep, norm_out)
+            h = _add_masked(h, out, g, _mask_to_apply(skip_ctx, keep), norm_out)
 
         # MLP branch
         norm_in, norm_out = norms["mlp"]
@@ -96,5 +101,5 @@ class GatedLayerMixin:
         if _skips_physically(skip_ctx, keep):
             h = _add_rows(h, branch_physical(self.mlp, x, keep), g, norm_out)
         else:
-            h = _add_masked(h, self.mlp(x), g, keep, norm_out)
+            h = _add_masked(h, self.mlp(x), g, _mask_to_apply(skip_ctx, keep), norm_out)
         return h
