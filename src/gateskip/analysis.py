@@ -205,6 +205,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_heatmap(record: GateRecord, path: Path) -> Path:
     plt = _pyplot()
     branches = [b for b in ("attn", "mlp") if record.branch(b)[0]]
@@ -215,10 +222,7 @@ def plot_heatmap(record: GateRecord, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title("mean token importance (mean gate value) per layer")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_distribution(record: GateRecord, path: Path) -> Path:
@@ -232,10 +236,7 @@ def plot_distribution(record: GateRecord, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("layer")
     axes[0].set_title("distribution of token importance per layer (boxes: quartiles, whiskers: 1.5 IQR)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_classes(record: GateRecord, means: dict[str, list[float | None]], path: Path) -> Path:
@@ -253,10 +254,7 @@ def plot_classes(record: GateRecord, means: dict[str, list[float | None]], path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean importance")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_skip_pattern(record: GateRecord, tokenizer, path: Path, row: int = 0, max_tokens: int = 48) -> Path:
@@ -271,10 +269,7 @@ def plot_skip_pattern(record: GateRecord, tokenizer, path: Path, row: int = 0, m
     step = max(1, len(record.keys) // 20)
     ax.set_yticks(range(0, len(record.keys), step), record.keys[::step], fontsize=7)
     ax.set_title(f"skipped (black) per token and module at budget {record.budget:g}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_thresholds(thresholds: dict[str, dict[str, float]], keys: list[str], path: Path) -> Path:
@@ -292,10 +287,7 @@ def plot_thresholds(thresholds: dict[str, dict[str, float]], keys: list[str], pa
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("threshold (skip below)")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- report
