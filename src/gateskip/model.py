@@ -63,9 +63,9 @@ def _gated_subclass(mixin: type, base: type) -> type:
     return _SUBCLASSES[(mixin, base)]
 
 
-def _base_class(model: PreTrainedModel) -> type:
-    cls = type(model)
-    return cls.__mro__[2] if is_gated(model) else cls
+def _ungated_class(module: torch.nn.Module) -> type:
+    """The HF class a gated subclass was made from: (subclass, mixin, base, ...)."""
+    return type(module).__mro__[2]
 
 
 def is_gated(model: torch.nn.Module) -> bool:
@@ -110,8 +110,8 @@ def remove_gates(model: PreTrainedModel) -> PreTrainedModel:
     if not is_gated(model):
         return model
     for layer in decoder_layers(model):
-        layer.__class__ = type(layer).__mro__[2]
-    model.__class__ = _base_class(model)
+        layer.__class__ = _ungated_class(layer)
+    model.__class__ = _ungated_class(model)
     del model.gate_bank
     return model
 
