@@ -141,6 +141,20 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(assets, tmp_p
     assert steps_logged == list(range(1, 8))  # nothing logged twice after the resume
 
 
+def test_a_time_limit_stops_validates_checkpoints_and_exports(assets, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 50))  # each reading 50 s later: 4 steps pass the 3-minute limit
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: float(next(clock)))
+    final = train(config(assets, tmp_path / "run", steps=30, max_minutes=3))
+    logged = metrics(tmp_path / "run")
+    trained = [m["step"] for m in logged if "lm" in m]
+    assert 1 <= len(trained) < 30 and trained == list(range(1, len(trained) + 1))
+    assert "val_loss" in logged[-1] and logged[-1]["step"] == trained[-1]
+    assert (final / "gateskip.safetensors").exists()
+    resumed = train(config(assets, tmp_path / "run", steps=30, resume=True, max_minutes=10_000))
+    assert [m["step"] for m in metrics(tmp_path / "run") if "lm" in m] == list(range(1, 31))
+    assert (resumed / "gateskip.safetensors").exists()
+
+
 def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_model(assets, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -166,6 +180,7 @@ def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_mo
         (lambda p: dict(seq_len=512), "exceeds the model's context of 128"),
         (lambda p: dict(out=str(p / "file" / "run")), "not writable"),
         (lambda p: dict(resume=True), "nothing to resume"),
+        (lambda p: dict(max_minutes=0), "max minutes must be positive"),
     ],
 )
 def test_bad_inputs_give_clear_errors(assets, tmp_path, overrides, message):

@@ -46,7 +46,7 @@ MODES = ("full", "frozen", "lora")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Options that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = ("steps", "resume", "save_every", "eval_every", "eval_blocks", "keep_checkpoints")
+RESUMABLE_CHANGES = ("steps", "resume", "save_every", "eval_every", "eval_blocks", "keep_checkpoints", "max_minutes")
 
 
 @dataclass
@@ -86,6 +86,8 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     mixed_precision: str = "auto"
+    max_minutes: float | None = None  # stop (validate, export) at this wall-clock limit
+
 
     def __post_init__(self) -> None:
         check_sparsity_kind(self.sparsity_loss)
@@ -105,6 +107,8 @@ class TrainConfig:
             raise GateSkipError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if not self.data:
             raise GateSkipError("no training data given")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise GateSkipError(f"max minutes must be positive, got {self.max_minutes}")
 
     @property
     def backbone_lr(self) -> float:
@@ -339,6 +343,13 @@ def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder:
 # ---------------------------------------------------------------- entry point
 
 
+def _past(accelerator: Accelerator, deadline: float) -> bool:
+    """Whether any process is past the deadline (all processes stop at the same step)."""
+    late = torch.tensor(float(time.monotonic() > deadline), device=accelerator.device)
+    return bool(accelerator.reduce(late, "max").item())
+
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the folder of the final export."""
     out = _prepare_run_dir(cfg)
@@ -368,6 +379,7 @@ def train(cfg: TrainConfig) -> Path:
     log = MetricsLog(accelerator, out / "metrics.jsonl", start)
 
     step = start
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not accelerator.is_local_main_process)
     try:
         while step < cfg.steps:
@@ -386,6 +398,14 @@ def train(cfg: TrainConfig) -> Path:
                 accelerator.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f} at skip {cfg.target_skip:.2f}")
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+            if cfg.max_minutes and step < cfg.steps and _past(accelerator, deadline):
+                accelerator.print(f"time limit of {cfg.max_minutes} min reached at step {step} of {cfg.steps}")
+                if len(val_blocks):
+                    val = validate(accelerator, model, val_blocks, cfg)
+                    log.write({"step": step, **val})
+                    accelerator.print(f"step {step}: val loss {val['val_loss']:.4f} at skip {cfg.target_skip:.2f}")
+                checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+                break
     except KeyboardInterrupt:
         # One process can save alone; with several, a collective save could hang on a dead peer.
         if accelerator.num_processes == 1 and step > start:
@@ -444,6 +464,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: at the end)")
     p.add_argument("--eval-blocks", type=int, default=d.eval_blocks, help="validation sequences per evaluation")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only on Ctrl-C)")
+    p.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="wall-clock limit: stop, validate, checkpoint and export when reached (resume continues)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=d.seed)
