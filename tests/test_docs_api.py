@@ -191,7 +191,12 @@ def test_every_config_field_is_explained(path: str):
 
 
 def test_public_exports_are_documented():
-    documented = {id(resolve(e.path)) for e in ENTRIES}
+    documented = set()
+    for e in ENTRIES:
+        try:
+            documented.add(id(resolve(e.path)))
+        except (ImportError, AttributeError):
+            pass  # reported by test_entry_signature_matches_source
     for module in (gateskip, gateskip.evaluation):
         missing = [name for name in module.__all__ if id(getattr(module, name)) not in documented]
         assert not missing, f"{module.__name__} exports {missing} without an entry in docs/api.md"
