@@ -212,3 +212,19 @@ def test_dotted_paths_in_prose_import():
         except (ImportError, AttributeError):
             broken.append(path)
     assert not broken, f"docs/api.md names paths that do not exist: {broken}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_to_the_longer_docs_resolve():
+    links = re.findall(r"\]\(([\w\-]+\.md)(?:#([\w\-]+))?\)", DOC.read_text())
+    assert links
+    for name, anchor in links:
+        target = DOC.parent / name
+        assert target.is_file(), f"docs/api.md links to a missing page {name}"
+        if anchor:
+            headings = {slug(line.lstrip("#")) for line in target.read_text().splitlines() if line.startswith("#")}
+            assert anchor in headings, f"docs/api.md links to {name}#{anchor}, which has no such heading"
