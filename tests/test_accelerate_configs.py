@@ -52,7 +52,7 @@ def test_multinode_config_marks_its_placeholders():
     config = load("multinode.yaml")
     assert config.distributed_type == DistributedType.MULTI_GPU
     assert config.num_machines == 2
-    assert config.main_process_ip == "MAIN_MACHINE_IP"  # never a real address: a forgotten edit fails fast
+    assert config.main_process_ip == "MAIN_MACHINE_IP"  # never a real address: a forgotten edit cannot reach some machine
     assert isinstance(config.main_process_port, int)
     assert config.rdzv_backend == "static"  # machine ranks come from --machine_rank
 
