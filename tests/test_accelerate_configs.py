@@ -41,10 +41,16 @@ def test_one_machine_configs_say_what_the_guide_says():
     assert all(c.num_machines == 1 for c in (cpu, gpu, fsdp))
 
 
-def test_fsdp_wraps_the_gated_decoder_layers_by_their_hf_class_name():
+def test_fsdp_wraps_the_gated_decoder_layers_of_the_configs_family_by_their_hf_class_name():
     model = add_gates(tiny_model("llama"))
     name = load("fsdp.yaml").fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
     # accelerate's name-based wrapping looks the class up exactly like this
+    assert get_module_class_from_name(model, name) is type(decoder_layers(model)[0])
+
+
+@pytest.mark.parametrize("family, name", [("qwen2", "Qwen2DecoderLayer"), ("gemma3", "Gemma3DecoderLayer")])
+def test_other_families_are_wrapped_by_the_name_the_guide_gives(family, name):
+    model = add_gates(tiny_model(family))
     assert get_module_class_from_name(model, name) is type(decoder_layers(model)[0])
 
 
