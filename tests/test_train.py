@@ -157,13 +157,21 @@ def test_a_time_limit_stops_validates_checkpoints_and_exports(assets, tmp_path, 
 
 def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_model(assets, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gateskip.train", assets["model"],
+    # accelerate 1.15 starts one process for `--cpu --num_processes 2` (several only through mpirun);
+    # its torchrun launcher with ACCELERATE_USE_CPU=1 starts two that talk over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "gateskip.train", assets["model"],
            "--data", assets["text"], "--out", str(out), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
            "--eval-blocks", "4", "--save-every", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # accelerate's save_state writes one RNG state per process: two files, or it was one process
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 2
+    for ckpt in checkpoints:
+        assert sorted(p.name for p in ckpt.glob("random_states*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     model, tok = load_model(str(out / "final"))
     load_gates(model, out / "final")
     ids = torch.tensor([tok("To be, or not to be")["input_ids"]])
