@@ -172,6 +172,8 @@ def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_mo
     assert len(checkpoints) == 2
     for ckpt in checkpoints:
         assert sorted(p.name for p in ckpt.glob("random_states*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    # only the main process writes final/, so only it says so
+    assert [line for line in done.stdout.splitlines() if line.startswith("saved ")] == [f"saved {out / 'final'}"]
     model, tok = load_model(str(out / "final"))
     load_gates(model, out / "final")
     ids = torch.tensor([tok("To be, or not to be")["input_ids"]])

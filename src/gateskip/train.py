@@ -480,8 +480,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     final = train(config_from_args(args))
-    print(f"saved {final}")
+    PartialState().print(f"saved {final}")  # every process returns the path; only the main one wrote it
     return 0
 
 
