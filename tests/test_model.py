@@ -1,9 +1,13 @@
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration
 
 from conftest import padded_batch, tiny_model
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates, load_gates, remove_gates, save_gates
+from gateskip.model import is_gated, read_gate_file
 
 
 def scramble_gates(model, std=0.3, seed=1):
@@ -174,6 +178,37 @@ def test_a_gate_file_for_another_model_is_a_clear_error(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(GateSkipError, match="not a gateskip gate file"):
         load_gates(tiny_model("llama"), tmp_path / "junk.safetensors")
+
+
+def rewrite_gate_file(path, **meta_changes):
+    """A copy of a gate file with some metadata fields changed (None: the field removed)."""
+    meta, tensors = read_gate_file(path)
+    meta = {k: v for k, v in {**meta, **meta_changes}.items() if v is not None}
+    save_file(tensors, str(path), metadata={"gateskip": json.dumps(meta)})
+
+
+def test_gates_saved_from_another_architecture_are_refused(tmp_path):
+    save_gates(add_gates(tiny_model("qwen2")), tmp_path)  # the same shapes as the tiny Llama
+    with pytest.raises(GateSkipError, match=r"made for a qwen2 model, but this model is llama$"):
+        load_gates(tiny_model("llama"), tmp_path)
+    rewrite_gate_file(tmp_path / "gateskip.safetensors", model_type=None)  # files from before the field
+    assert is_gated(load_gates(tiny_model("llama"), tmp_path))
+
+
+def test_a_gate_file_that_does_not_fit_names_the_tensor_and_leaves_the_model_as_it_was(tmp_path):
+    save_gates(add_gates(tiny_model("llama"), GateConfig(kind="lowrank", rank=8)), tmp_path)
+    rewrite_gate_file(tmp_path / "gateskip.safetensors", gate_config=GateConfig(kind="lowrank", rank=4).to_dict())
+    model = add_gates(tiny_model("llama"), GateConfig(kind="vector"))
+    scramble_gates(model)
+    ids, mask = padded_batch([6, 4], 6)
+    plan = SkipPlan(budget=0.5)
+    before, bank = logits(model, ids, mask, plan), model.gate_bank
+    with pytest.raises(GateSkipError) as failure:
+        load_gates(model, tmp_path)
+    assert str(failure.value).endswith("does not fit this model: gates.attn.0.down.weight has shape (8, 64) "
+                                       "in the file but (4, 64) in this model")
+    assert model.gate_bank is bank and bank.config.kind == "vector"
+    assert torch.equal(logits(model, ids, mask, plan), before)
 
 
 @pytest.mark.parametrize(

@@ -122,8 +122,9 @@ def _gate_file(path: str | os.PathLike) -> Path:
 
 
 def save_gates(model: PreTrainedModel, path: str | os.PathLike) -> Path:
-    """Write the gates, their configuration and calibrated thresholds to one safetensors file
-    (`path` itself if it ends in .safetensors, else `path/gateskip.safetensors`)."""
+    """Write the gates, their configuration, calibrated thresholds and the model type (load_gates
+    refuses other types) to one safetensors file (`path` itself if it ends in .safetensors, else
+    `path/gateskip.safetensors`)."""
     if not is_gated(model):
         raise GateSkipError("model has no gates to save")
     bank: GateBank = model.gate_bank
@@ -159,22 +160,38 @@ def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
 
 
 def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:
-    """Rebuild the gates saved by save_gates on `model` (its base). Never loads partially."""
+    """Rebuild the gates saved by save_gates on `model` (its base). Everything is checked before
+    the model is touched, so a file that does not fit leaves the model as it was."""
     meta, tensors = read_gate_file(path)
     check_supported(model)
+    target, model_type = _gate_file(path), model.config.model_type
+    saved_type = meta.get("model_type")  # absent from files written before it was recorded
+    if saved_type is not None and saved_type != model_type:
+        raise GateSkipError(f"gate file {target} was made for a {saved_type} model, but this model is {model_type}")
     n_layers, width = len(decoder_layers(model)), model.config.hidden_size
     if (meta["num_layers"], meta["hidden_size"]) != (n_layers, width):
         raise GateSkipError(
-            f"gate file {_gate_file(path)} was made for {meta['num_layers']} layers of width {meta['hidden_size']}, "
+            f"gate file {target} was made for {meta['num_layers']} layers of width {meta['hidden_size']}, "
             f"but this model has {n_layers} layers of width {width}"
         )
+    config = GateConfig.from_dict(meta["gate_config"])
+    misfit = _first_misfit(GateBank(n_layers, width, config).state_dict(), tensors)
+    if misfit:
+        raise GateSkipError(f"gate file {target} does not fit this model: {misfit}")
     if is_gated(model):
         remove_gates(model)
-    add_gates(model, GateConfig.from_dict(meta["gate_config"]))
-    try:
-        model.gate_bank.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        remove_gates(model)
-        raise GateSkipError(f"gate file {_gate_file(path)} does not fit this model: {str(e).splitlines()[0]}") from None
+    add_gates(model, config)
+    model.gate_bank.load_state_dict(tensors, strict=True)
     model.gate_bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}
     return model
+
+
+def _first_misfit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """The first reason `found` would not load into a module whose state dict is `expected`, in one line."""
+    for key, want in expected.items():
+        if key not in found:
+            return f"{key} is missing from the file"
+        if found[key].shape != want.shape:
+            return f"{key} has shape {tuple(found[key].shape)} in the file but {tuple(want.shape)} in this model"
+    extra = sorted(found.keys() - expected.keys())
+    return f"the file has {extra[0]}, which this model's gates do not" if extra else None
