@@ -57,7 +57,7 @@ def main() -> None:
         for kind in args.kinds:
             config = GateConfig(kind=kind, rank=args.rank)
             add_gates(model, config)
-            model.to(args.device)
+            model.to(device=args.device, dtype=dtype)  # gates in the model's precision, as for inference
             runs = {"ungated": lambda: model(ids, logits_to_keep=keep)}
             saving = {}
             for b in args.budgets:
