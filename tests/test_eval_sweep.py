@@ -11,7 +11,8 @@ from datasets import Dataset
 from conftest import tiny_model
 from gateskip import GateConfig, GateSkipError, add_gates, save_gates
 from gateskip.evaluation import cli
-from gateskip.evaluation.sweep import FIGURE, RECORD_KEYS, RESULTS, TABLE, parse_budgets
+from gateskip.baselines import make_method
+from gateskip.evaluation.sweep import FIGURE, RECORD_KEYS, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, run_sweep
 from test_eval_harness import char_tokenizer
 
 TASK_YAML = """task: tiny_mc
@@ -210,6 +211,16 @@ def test_unknown_task_is_named(model_dir, tiny_task, tmp_path):
     args.tasks = "tiny_mc,no_such_task"
     with pytest.raises(GateSkipError, match="unknown task 'no_such_task'"):
         cli.run(args)
+
+
+@pytest.mark.parametrize("given, missing", [(["gateskip"], "'base'"), (["base"], "'gateskip'")])
+def test_run_sweep_names_a_method_it_was_not_given(tiny_task, tmp_path, given, missing):
+    model = add_gates(tiny_model())
+    sweep = Sweep(SweepSettings(model="tiny", gates=None, limit=2, data="bundled"), ["tiny_mc"], [0.25],
+                  ["gateskip"], tmp_path / "out", include=tiny_task)
+    methods = {name: make_method(name, model) for name in given}
+    with pytest.raises(GateSkipError, match=f"no method object for {missing}"):
+        run_sweep(sweep, model, char_tokenizer(), methods)
 
 
 def test_parse_budgets_sorts_and_deduplicates():

@@ -173,9 +173,14 @@ def points(sweep: Sweep) -> list[tuple[str, float]]:
 
 
 def run_sweep(sweep: Sweep, model, tokenizer, methods: dict[str, Method]) -> list[dict]:
-    """Evaluate every missing point, saving after each; returns all records (old and new)."""
+    """Evaluate every missing point, saving after each; returns all records (old and new).
+    `methods` maps "base" and every method of the sweep to its Method (baselines.make_method)."""
     from lm_eval import simple_evaluate
 
+    missing = [name for name in dict.fromkeys(m for m, _ in points(sweep)) if name not in methods]
+    if missing:
+        raise GateSkipError(f"no method object for {', '.join(map(repr, missing))}: run_sweep needs one for 'base' "
+                            f"and for every method of the sweep")
     sweep.records = load_records(sweep.out, sweep.settings)
     done = {(r["method"], r["budget"], r["task"]) for r in sweep.records}
     manager = task_manager(sweep.tasks, sweep.settings.data, sweep.out / "tasks", sweep.include)
