@@ -31,14 +31,13 @@ def test_every_config_loads_as_a_local_cluster_config(path):
 
 
 def test_one_machine_configs_say_what_the_guide_says():
-    cpu, gpu, fsdp = load("ddp_cpu.yaml"), load("ddp_gpu.yaml"), load("fsdp.yaml")
-    assert (cpu.distributed_type, cpu.use_cpu) == (DistributedType.MULTI_CPU, True)
+    gpu, fsdp = load("ddp_gpu.yaml"), load("fsdp.yaml")
     assert (gpu.distributed_type, gpu.gpu_ids, gpu.use_cpu) == (DistributedType.MULTI_GPU, "all", False)
     assert fsdp.distributed_type == DistributedType.FSDP
     assert fsdp.fsdp_config["fsdp_version"] == 2
     assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    assert all(c.num_machines == 1 for c in (cpu, gpu, fsdp))
+    assert all(c.num_machines == 1 for c in (gpu, fsdp))
 
 
 def test_fsdp_wraps_the_gated_decoder_layers_of_the_configs_family_by_their_hf_class_name():
