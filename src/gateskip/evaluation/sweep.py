@@ -23,7 +23,6 @@ from ..budget import check_ratio
 from ..errors import GateSkipError
 from ..flops import ModelDims, flop_report
 from ..stats import SkipStats
-from .harness import GatedLM
 from .report import markdown_table, plot
 from .tasks import data_root, task_manager
 
@@ -175,7 +174,9 @@ def points(sweep: Sweep) -> list[tuple[str, float]]:
 def run_sweep(sweep: Sweep, model, tokenizer, methods: dict[str, Method]) -> list[dict]:
     """Evaluate every missing point, saving after each; returns all records (old and new).
     `methods` maps "base" and every method of the sweep to its Method (baselines.make_method)."""
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate  # lm-eval takes seconds to import; only a sweep needs it
+
+    from .harness import GatedLM
 
     missing = [name for name in dict.fromkeys(m for m, _ in points(sweep)) if name not in methods]
     if missing:
