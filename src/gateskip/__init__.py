@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 # Imported on first use (PEP 562): these modules import transformers' modelling stack, which
 # takes seconds (it imports torchao too), and `gateskip --help` or a light command needs none of it.
-_LAZY = {"load_model": "loading", **{n: "model" for n in ("add_gates", "is_gated", "load_gates", "remove_gates", "save_gates")}}
+_LAZY = {"load_model": "loading", "add_gates": "model", "is_gated": "model", "load_gates": "model",
+         "remove_gates": "model", "save_gates": "model"}
 
 
 def __getattr__(name: str):
@@ -35,11 +36,12 @@ def __dir__() -> list[str]:
 
 
 class _TorchaoImportNoise(logging.Filter):
-    """Drops the two warnings torchao's import logs on a machine without its CUDA kernels.
+    """Drops the warnings torchao's import logs about itself, nothing else.
 
     transformers imports torchao whenever it is installed, so every command that loads a model
-    would otherwise open with "Failed to load .../torchao/_C*.so" lines and torch's notice that
-    torchao's enums need no pytree registration; neither says anything a gateskip user can act on.
+    would otherwise open with "Failed to load .../torchao/_C*.so" (prebuilt kernels for another
+    Python or GPU) and torch's deprecation notice for torchao's enum pytree registration: noise
+    a gateskip user can do nothing about. Quantising with torchao works without those kernels.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -50,8 +52,8 @@ class _TorchaoImportNoise(logging.Filter):
                     and getattr(enum, "__module__", "").startswith("torchao."))
 
 
-for _logger in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_logger).addFilter(_TorchaoImportNoise())
+logging.getLogger("torchao").addFilter(_TorchaoImportNoise())
+logging.getLogger("torch.utils._pytree").addFilter(_TorchaoImportNoise())
 
 __all__ = [
     "GateConfig",
