@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import TYPE_CHECKING
 
 from .budget import QuantileBudget, ThresholdBudget
 from .config import GateConfig
 from .errors import GateSkipError
 from .flops import FlopReport, ModelDims, flop_report
+from .loading import load_model
+from .model import add_gates, is_gated, load_gates, remove_gates, save_gates
 from .plan import SkipPlan
 from .stats import SkipStats
-
-if TYPE_CHECKING:
-    from .loading import load_model
-    from .model import add_gates, is_gated, load_gates, remove_gates, save_gates
-
-# Imported on first use (PEP 562): these modules import transformers' modelling stack, which
-# takes seconds (it imports torchao too), and `gateskip --help` or a light command needs none of it.
-_LAZY = {"load_model": "loading", "add_gates": "model", "is_gated": "model", "load_gates": "model",
-         "remove_gates": "model", "save_gates": "model"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
 
 
 class _TorchaoImportNoise(logging.Filter):

@@ -21,6 +21,7 @@ import torch
 from .budget import as_budget, check_ratio
 from .errors import GateSkipError
 from .gates import importance
+from .model import is_gated
 from .plan import GateTrace, SkipPlan
 
 # Token classes, in the order plots and tables list them.
@@ -92,8 +93,6 @@ def collect(model, ids: torch.Tensor, mask: torch.Tensor | None = None, budget: 
 
     Importances at a budget differ from the unskipped ones in later layers (skips upstream change
     the residual stream), which is why they are measured apart."""
-    from .model import is_gated  # imports transformers' modelling stack: not at `gateskip --help`
-
     if not is_gated(model):
         raise GateSkipError("analysis needs a model with gates (load_gates or add_gates first)")
     device = next(model.parameters()).device

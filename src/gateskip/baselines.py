@@ -39,11 +39,9 @@ from .calibrate import ratio_key
 from .config import GateConfig
 from .errors import GateSkipError
 from .gates import GateBank
+from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
-
-# gateskip.model is imported where it is used: it imports transformers' modelling stack (and torchao),
-# seconds that `gateskip --help` and the other commands should not wait for.
 
 METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
 
@@ -58,8 +56,6 @@ def identity_bank(model) -> GateBank:
 
     It takes the first-token policy of the model's own gates, so a baseline may skip the
     first token exactly when the gates it is compared with may."""
-    from .model import decoder_layers
-
     param = next(model.parameters())
     own = getattr(model, "gate_bank", None)
     config = IDENTITY_GATES if own is None else dataclasses.replace(IDENTITY_GATES, skip_bos=own.config.skip_bos)
@@ -93,8 +89,6 @@ def layer_budget(module_keys: list[str], removed_layers: list[int], ratio: float
 @torch.no_grad()
 def saturation(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """cos(layer input, layer output) per layer and token, (layers, B, T), from one dense forward."""
-    from .model import decoder_layers
-
     layers = decoder_layers(model)
     seen: dict[int, torch.Tensor] = {}
 
@@ -137,8 +131,6 @@ class ExitWatch:
         self._handles: list = []
 
     def attach(self, model) -> None:
-        from .model import decoder_layers
-
         self._handles = [layer.register_forward_pre_hook(self._see(i), with_kwargs=True)
                          for i, layer in enumerate(decoder_layers(model))]
 
@@ -253,8 +245,6 @@ def make_method(name: str, model, sample: tuple[torch.Tensor, torch.Tensor] | No
 
     `sample` (ids, mask) is the text ShortGPT and CALM calibrate on; `router` the gate bank
     of a MoD-style router (method mod)."""
-    from .model import decoder_layers
-
     if name not in METHODS:
         raise GateSkipError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if name == "mod":
@@ -287,8 +277,6 @@ def remove_layers(model, layers: list[int]):
     """Delete decoder layers in place (ShortGPT pruning) and renumber the rest; returns the model.
 
     Prune before adding gates: the gates belong to the layers that remain."""
-    from .model import decoder_layers, is_gated
-
     if is_gated(model):
         raise GateSkipError("remove layers before adding gates (the gate bank is sized for the original depth)")
     old = decoder_layers(model)

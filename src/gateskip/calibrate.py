@@ -21,10 +21,8 @@ from tqdm import tqdm
 
 from .budget import ThresholdBudget, check_ratio
 from .errors import GateSkipError
+from .model import is_gated, save_gates
 from .plan import SkipPlan
-
-# gateskip.model is imported where it is used: it imports transformers' modelling stack (and torchao),
-# seconds that `gateskip --help` and the other commands should not wait for.
 
 
 def ratio_key(ratio: float) -> str:
@@ -84,8 +82,6 @@ def calibrate(
     run as one batch, so every threshold is a quantile over all sample tokens: a few
     thousand tokens are plenty.
     """
-    from .model import is_gated
-
     if not is_gated(model):
         raise GateSkipError("calibration needs a model with gates (add_gates or load_gates first)")
     ids, mask = samples if isinstance(samples, (tuple, list)) else (samples, None)
@@ -105,8 +101,6 @@ def calibrate(
 
 def threshold_budget(model, ratio: float) -> ThresholdBudget:
     """The calibrated ThresholdBudget for a target ratio. Ratio 0 needs no calibration."""
-    from .model import is_gated
-
     ratio = check_ratio(ratio)
     if not is_gated(model):
         raise GateSkipError("a threshold budget needs a model with gates")
@@ -150,7 +144,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .loading import load_model
-    from .model import load_gates, save_gates
+    from .model import load_gates
 
     model, tokenizer = load_model(args.model)
     load_gates(model, args.gates)

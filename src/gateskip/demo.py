@@ -34,13 +34,11 @@ from .evaluation.metrics import summarize
 from .evaluation.sweep import FIGURE, TABLE, Sweep, SweepSettings, run_sweep
 from .flops import ModelDims, flop_report
 from .generation import generate, reports
+from .model import GATE_FILE, load_gates, save_gates
 from .plan import SkipPlan
 from .stats import SkipStats
 from .timing import time_interleaved
 from .train import TrainConfig, train
-
-# gateskip.model and gateskip.loading are imported where they are used: they import transformers' modelling
-# stack (and torchao), seconds that `gateskip --help` and the other commands should not wait for.
 
 DECODE_PROMPT = "Question: Why do leaves change colour in autumn? Answer:"
 
@@ -139,8 +137,6 @@ def stage_train(job: Job) -> Path:
 
     The first token is protected: SmolLM2 uses it as its attention sink, and skipping it alone
     wrecks the model long before the gates could learn to keep it."""
-    from .model import GATE_FILE
-
     s = job.sizes
     run_dir = job.out / "train"
     final = run_dir / "final" / GATE_FILE
@@ -177,8 +173,6 @@ def training_summary(run_dir: Path) -> dict:
 
 def stage_calibrate(job: Job, model, tokenizer, trained: Path) -> Path:
     """Thresholds for every budget used, so decoding can skip; saved with the gates in the report folder."""
-    from .model import GATE_FILE, load_gates, save_gates
-
     s = job.sizes
     gates = job.out / "gates" / GATE_FILE
     ratios = sorted({b for b in s.budgets + s.speed_budgets if b > 0})
@@ -320,8 +314,6 @@ def findings(job: Job, trained: dict, records: list[dict], bench: dict, stats: d
 
 def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stats: dict, lines: list[str], wall: float) -> Path:
     """report.md (everything, with the plots), summary.json (the numbers)."""
-    from .model import GATE_FILE
-
     s = job.sizes
     timings = ["| stage | wall | CPU (all threads) | in this invocation |", "|---|---|---|---|"] + [
         f"| {k} | {v['seconds']:.0f} s | {v['cpu_seconds']:.0f} s "
@@ -372,7 +364,6 @@ def write_report(job: Job, trained: dict, records: list[dict], bench: dict, stat
 def run_job(model_spec: str, out: Path, sizes: JobSizes, console: Console | None = None) -> dict:
     """Run (or continue) the main job; returns summary.json's content."""
     from .loading import load_model
-    from .model import load_gates
 
     console = console or Console()
     start = time.perf_counter()

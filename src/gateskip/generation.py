@@ -19,6 +19,7 @@ from .budget import ThresholdBudget
 from .calibrate import threshold_budget
 from .errors import GateSkipError
 from .flops import FlopReport, ModelDims, flop_report
+from .model import is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
 
@@ -28,8 +29,6 @@ def decode_budget(model, budget: float | ThresholdBudget | None) -> ThresholdBud
 
     Quantile budgets rank the tokens of one call, so they never skip a single decoded token.
     """
-    from .model import is_gated  # imports transformers' modelling stack: not at `gateskip --help`
-
     if not is_gated(model):
         raise GateSkipError("skipping needs a model with gates (add_gates or load_gates first)")
     if budget is None or isinstance(budget, ThresholdBudget):

@@ -17,15 +17,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modelling stack (and torchao)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gateskip.errors import GateSkipError
 

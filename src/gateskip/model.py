@@ -10,17 +10,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedModel
 
 from .config import GateConfig
 from .errors import GateSkipError
 from .gates import GateBank
 from .layer import GatedLayerMixin
 from .plan import ForwardContext, SkipPlan
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modelling stack (and torchao)
+    from transformers import PreTrainedModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma3_text")
 GATE_FILE = "gateskip.safetensors"

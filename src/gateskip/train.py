@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import GATE_KINDS, GateConfig
 from .errors import GateSkipError
+from .loading import load_model
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
+from .model import add_gates, save_gates
 from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
@@ -178,11 +180,6 @@ def build_model(cfg: TrainConfig):
     Full fine-tuning moves the backbone, so distillation needs a frozen copy of the base;
     frozen and LoRA modes reach the unchanged base through the model itself.
     """
-    # gateskip.loading/.model and peft import transformers' modelling stack (seconds, and torchao):
-    # imported here, not at module level, so that `gateskip --help` and the other commands start fast.
-    from .loading import load_model
-    from .model import add_gates
-
     model, tokenizer = load_model(cfg.model)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
@@ -323,8 +320,6 @@ def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder:
     """Write what gateskip loads: gateskip.safetensors, plus the backbone as an HF folder when it
     was trained (LoRA adapters merged into it). Frozen mode writes the gates only: load them
     onto the original model."""
-    from .model import save_gates  # see build_model: a slow import, kept out of module level
-
     state = accelerator.get_state_dict(model)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
@@ -356,8 +351,6 @@ def _past(accelerator: Accelerator, deadline: float) -> bool:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the folder of the final export."""
-    from transformers import get_cosine_schedule_with_warmup  # see build_model: a slow import
-
     out = _prepare_run_dir(cfg)
     trackers = ["tensorboard"] if _has_tensorboard() else []
     accelerator = Accelerator(
@@ -370,6 +363,8 @@ def train(cfg: TrainConfig) -> Path:
         cfg.data, tokenizer, cfg.seq_len, packed=cfg.pack, val_fraction=cfg.val_fraction, seed=cfg.seed,
         max_tokens=cfg.max_tokens,
     )
+    from transformers import get_cosine_schedule_with_warmup  # loads transformers' modelling stack: not at import
+
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -12,6 +12,7 @@ from ..baselines import IDENTITY_GATES, METHODS, make_method
 from ..calibrate import calibrate
 from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
+from ..model import add_gates, load_gates, remove_gates
 from .sweep import FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list, run_sweep, sample_texts
 
 DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
@@ -56,8 +57,7 @@ def _sample_batch(tokenizer, path: Path | None, device) -> tuple[torch.Tensor, t
 def run(args: argparse.Namespace) -> int:
     if args.data == "bundled":  # the bundled tasks read local files; never wait on the hub for them
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from ..loading import load_model  # these import transformers' modelling stack: not at `gateskip --help`
-    from ..model import add_gates, load_gates, remove_gates
+    from ..loading import load_model
 
     methods = parse_list(args.method, "method", METHODS)
     tasks = parse_list(args.tasks, "task")
