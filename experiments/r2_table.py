@@ -1,6 +1,6 @@
 """The round-2 table of docs/experiment.md from the two sweeps' results.json files.
 
-    python experiments/r2_table.py runs/r2-eval-lowrank runs/r2-eval-baselines
+    python experiments/r2_table.py runs/r2-eval-lowrank runs/r2-eval-baselines [--plot FILE.png]
 
 Accuracy with the net FLOP saving in brackets, per budget and method; then each method's
 accuracy relative to the base at 15 % and 25 % net saving, interpolated linearly between
@@ -16,7 +16,10 @@ from pathlib import Path
 
 
 def main() -> None:
-    records = [r for folder in sys.argv[1:] for r in json.loads((Path(folder) / "results.json").read_text())["records"]
+    args = sys.argv[1:]
+    plot = args.pop(args.index("--plot") + 1) if "--plot" in args else None
+    folders = [a for a in args if a != "--plot"]
+    records = [r for folder in folders for r in json.loads((Path(folder) / "results.json").read_text())["records"]
                if r["metric"] == "acc"]
     tasks = sorted({r["task"] for r in records})
     methods = [m for m in ("gateskip", "random", "shortgpt") if any(r["method"] == m for r in records)]
@@ -43,6 +46,28 @@ def main() -> None:
             at0 = point[(t, m, 0.0)]["value"] if (t, m, 0.0) in point else base[t]
             print(f"| {t} | {m} | {at0:.3f} | {retained(curve, 0.15, base[t])} | {retained(curve, 0.25, base[t])} "
                   f"| {saved_at(curve, 0.90 * base[t])} | {saved_at(curve, 0.95 * base[t])} |")
+    if plot:
+        draw(plot, tasks, methods, point, base)
+
+
+def draw(path: str, tasks, methods, point, base) -> None:
+    """Accuracy against net FLOP saving, one panel per task, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for m in methods:
+            xs, ys = zip(*sorted((100 * r["net_saving"], r["value"]) for (tt, mm, _), r in point.items() if tt == t and mm == m))
+            ax.plot(xs, ys, marker="o", label=m)
+        ax.axhline(base[t], color="grey", linestyle="--", label="base")
+        ax.axhline(0.95 * base[t], color="grey", linestyle=":", label="95 % of base")
+        ax.set(title=t, xlabel="net FLOP saved (%)", ylabel="accuracy")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def saved_at(curve: list[tuple[float, float]], floor: float) -> str:
