@@ -12,15 +12,14 @@ thresholds) with two other allocations of the same gates:
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 
-from gateskip import ModelDims, QuantileBudget, SkipPlan, SkipStats, ThresholdBudget, flop_report, load_gates, load_model
+from gateskip import ModelDims, QuantileBudget, SkipPlan, SkipStats, ThresholdBudget, flop_report
 from gateskip.baselines import make_method
 from gateskip.calibrate import calibrate, sample_tokens, threshold_budget
-from gateskip.textdata import build_blocks
+from val_loss import held_out  # experiments/ is on the path when this script runs
 
 
 @dataclass(frozen=True)
@@ -34,16 +33,8 @@ class PerModuleQuantile(QuantileBudget):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("gates")
-    p.add_argument("--data", default="runs/data/qa_mix.jsonl.gz")
-    p.add_argument("--blocks", type=int, default=16)
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    model, tok = load_model("smollm2-135m")
-    load_gates(model, args.gates)
-    _, val = build_blocks([args.data], tok, 512, val_fraction=0.05, seed=0)
-    ids, labels = val.input_ids[: args.blocks], val.labels[: args.blocks]
+    model, tok, val, blocks = held_out(__doc__.splitlines()[0])
+    ids, labels = blocks.input_ids, blocks.labels
     dims = ModelDims.from_config(model.config)
     keys = model.gate_bank.module_keys()
     layers = make_method("shortgpt", model, sample=sample_tokens(tok, "bundled", sequences=8, length=256)).layer_order
@@ -58,8 +49,8 @@ def main() -> None:
 
     for total, thresholds in ((0.1, (0.5, 0.6)), (0.25, (0.6, 0.7))):
         run(QuantileBudget(total), f"equal share per module, quantile {total}")
-        held_out = slice(args.blocks, args.blocks + 4)  # calibrate on other validation blocks
-        calibrate(model, (val.input_ids[held_out], val.attention_mask[held_out]), [total])
+        other = slice(len(ids), len(ids) + 4)  # calibrate on other validation blocks
+        calibrate(model, (val.input_ids[other], val.attention_mask[other]), [total])
         run(threshold_budget(model, total), f"equal share per module, calibrated thresholds {total}")
         for t in thresholds:
             run(ThresholdBudget(dict.fromkeys(keys, t), total), f"one global threshold {t}")

@@ -20,8 +20,11 @@ from gateskip.calibrate import sample_tokens
 from gateskip.textdata import build_blocks
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def held_out(description: str):
+    """Parse the common options; load the model with the gates and the run's validation blocks.
+
+    Returns (model, tokenizer, validation blocks, the first --blocks of them)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("gates")
     p.add_argument("--data", default="runs/data/qa_mix.jsonl.gz")
     p.add_argument("--blocks", type=int, default=16)
@@ -30,8 +33,12 @@ def main() -> None:
     model, tok = load_model("smollm2-135m")
     load_gates(model, args.gates)
     _, val = build_blocks([args.data], tok, 512, val_fraction=0.05, seed=0)
-    ids = val.input_ids[: args.blocks]
-    labels = val.labels[: args.blocks]
+    return model, tok, val, val.select(torch.arange(min(args.blocks, len(val))))
+
+
+def main() -> None:
+    model, tok, _, blocks = held_out(__doc__.splitlines()[0])
+    ids, labels = blocks.input_ids, blocks.labels
     dims = ModelDims.from_config(model.config)
     sample = sample_tokens(tok, "bundled", sequences=8, length=256)
     print(f"{len(ids)} validation blocks x 512 tokens")
