@@ -41,6 +41,23 @@ def test_protected_tokens_are_never_skipped():
     assert keep.tolist() == [[True, False, True, True]]
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.5, 1.0])
+def test_kept_counts_known_ahead_match_what_keep_yields(ratio):
+    """Physical execution sizes its buffers from kept_counts before any importance exists."""
+    torch.manual_seed(0)
+    valid = torch.ones(4, 9, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    valid[2, 1:] = False  # a one-token sequence
+    valid[3] = False  # all padding
+    protect = torch.zeros_like(valid)
+    protect[0, 0] = protect[1, 3] = protect[2, 0] = True
+    for prot in (None, protect):
+        keep = QuantileBudget(ratio).keep(torch.rand(4, 9), valid, prot, "attn.0")
+        protected = [0] * 4 if prot is None else (valid & prot).sum(1).tolist()
+        assert QuantileBudget(ratio).kept_counts(valid.sum(1).tolist(), protected) == keep.sum(1).tolist()
+    assert QuantileBudget(0.5, scope="batch").kept_counts([9], [0]) is None
+
+
 def test_threshold_skips_below_the_module_threshold():
     imp = torch.tensor([[0.1, 0.5, 0.9]])
     valid = torch.tensor([[True, True, False]])

@@ -37,6 +37,14 @@ class QuantileBudget:
         if self.scope not in SCOPES:
             raise GateSkipError(f"quantile scope must be one of {SCOPES}, got {self.scope!r}")
 
+    def kept_counts(self, valid: list[int], protected: list[int]) -> list[int] | None:
+        """Tokens each sequence keeps (what `keep` will yield), known from the padding alone, so
+        physical execution can size its buffers without waiting for the device. None for
+        scope="batch", where a sequence's count depends on the others' importances."""
+        if self.scope != "sequence":
+            return None
+        return [n - min(math.floor(n * self.ratio + 1e-9), n - p) for n, p in zip(valid, protected)]
+
     def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
         if self.ratio == 0.0:
             return valid

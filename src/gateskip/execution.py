@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GateSkipError
-from .tokens import gather_packed, gather_rows, kept_rows, pack_per_sequence
+from .tokens import gather_packed, pack_per_sequence
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,10 @@ def attention_physical(
     attention_mask: torch.Tensor | None,
     cache,
     cache_kwargs: dict,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Attention output rows (N, d) for kept tokens and their flat indices, or None if none is kept.
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Attention output of kept tokens in the packed layout (B, K, d) with its index and slot
+    mask (see tokens.pack_per_sequence), or None if no token is kept.
 
     x is the branch input (B, T, d). K/V of all tokens go into the cache either way.
     """
@@ -77,7 +79,7 @@ def attention_physical(
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx, kwargs=cache_kwargs)
 
-    index, slot_valid = pack_per_sequence(keep)
+    index, slot_valid = pack_per_sequence(keep, capacity)
     if index.shape[1] == 0:
         return None
     q = _heads(attn.q_proj(gather_packed(x, index)), hd)
@@ -87,13 +89,14 @@ def attention_physical(
 
     mask = _query_mask(attention_mask, index, slot_valid, t, k.shape[2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(b, index.shape[1], -1)[slot_valid]
-    return attn.o_proj(out), kept_rows(keep)
+    out = out.transpose(1, 2).reshape(b, index.shape[1], -1)
+    return attn.o_proj(out), index, slot_valid
 
 
-def branch_physical(branch: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A token-wise branch (MLP) on kept tokens only: output rows (N, d) and their flat indices."""
-    rows = kept_rows(keep)
-    if rows.numel() == 0:
+def branch_physical(branch: nn.Module, x: torch.Tensor, keep: torch.Tensor, capacity: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A token-wise branch (MLP) on kept tokens only, in the packed layout (B, K, d)."""
+    index, slot_valid = pack_per_sequence(keep, capacity)
+    if index.shape[1] == 0:
         return None
-    return branch(gather_rows(x, rows)), rows
+    return branch(gather_packed(x, index)), index, slot_valid

@@ -15,7 +15,7 @@ from torch import nn
 
 from .execution import attention_physical, branch_physical
 from .plan import ForwardContext
-from .tokens import scatter_add_rows
+from .tokens import gather_packed, scatter_add_packed
 
 
 def branch_norms(layer: nn.Module) -> dict[str, tuple[nn.Module, nn.Module | None]]:
@@ -40,16 +40,16 @@ def _add_masked(h: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None, k
     return h + out
 
 
-def _add_rows(h: torch.Tensor, result, gate: torch.Tensor | None, out_norm: nn.Module | None) -> torch.Tensor:
-    """Physical execution: add the kept tokens' outputs back into the residual stream."""
+def _add_packed(h: torch.Tensor, result, gate: torch.Tensor | None, out_norm: nn.Module | None) -> torch.Tensor:
+    """Physical execution: add the kept tokens' outputs (packed layout) back into the residual stream."""
     if result is None:  # every token skipped this branch
         return h
-    out, rows = result
+    out, index, slot_valid = result
     if out_norm is not None:
         out = out_norm(out)
     if gate is not None:
-        out = out * gate.reshape(-1, gate.shape[-1]).index_select(0, rows)
-    return scatter_add_rows(h, rows, out)
+        out = out * gather_packed(gate, index)
+    return scatter_add_packed(h, index, slot_valid, out)
 
 
 def _gate_and_keep(ctx: ForwardContext, branch: str, layer: int, x: torch.Tensor):
@@ -60,7 +60,9 @@ def _gate_and_keep(ctx: ForwardContext, branch: str, layer: int, x: torch.Tensor
 
 
 def _skips_physically(ctx: ForwardContext, keep: torch.Tensor | None) -> bool:
-    return ctx.physical and keep is not None and not bool(keep.all())
+    if not ctx.physical or keep is None:
+        return False
+    return ctx.skips if ctx.skips is not None else not bool(keep.all())  # the latter waits for the device
 
 
 def _mask_to_apply(ctx: ForwardContext, keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -87,8 +89,9 @@ class GatedLayerMixin:
         x = norm_in(h)
         g, keep = _gate_and_keep(skip_ctx, "attn", layer, x)
         if _skips_physically(skip_ctx, keep):
-            result = attention_physical(self.self_attn, x, keep, position_embeddings, attention_mask, cache, kwargs)
-            h = _add_rows(h, result, g, norm_out)
+            result = attention_physical(self.self_attn, x, keep, position_embeddings, attention_mask, cache, kwargs,
+                                        skip_ctx.capacity)
+            h = _add_packed(h, result, g, norm_out)
         else:
             out, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                     cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
@@ -99,7 +102,7 @@ class GatedLayerMixin:
         x = norm_in(h)
         g, keep = _gate_and_keep(skip_ctx, "mlp", layer, x)
         if _skips_physically(skip_ctx, keep):
-            h = _add_rows(h, branch_physical(self.mlp, x, keep), g, norm_out)
+            h = _add_packed(h, branch_physical(self.mlp, x, keep, skip_ctx.capacity), g, norm_out)
         else:
             h = _add_masked(h, self.mlp(x), g, _mask_to_apply(skip_ctx, keep), norm_out)
         return h

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import Budget, as_budget
+from .budget import Budget, QuantileBudget, as_budget
 from .errors import GateSkipError
 from .gates import Gate, GateBank, importance
 from .stats import SkipStats
@@ -70,6 +70,8 @@ class ForwardContext:
     valid: torch.Tensor  # (B, T) bool: not padding
     context: torch.Tensor  # (B, T) float: keys each query attends to (for FLOP accounting)
     protect: torch.Tensor | None  # (B, T) bool: tokens that are never skipped
+    capacity: int | None = None  # most tokens any sequence keeps in a module, when known ahead
+    skips: bool | None = None  # whether any module skips any token, when known ahead
 
     @classmethod
     def build(
@@ -98,7 +100,16 @@ class ForwardContext:
             protect = positions[None, :] == first[:, None]
         if plan.stats is not None:
             plan.stats.record_forward(valid, context)
-        return cls(plan, bank if plan.apply_gates else None, valid, context, protect)
+        capacity = skips = None
+        if isinstance(plan.budget, QuantileBudget) and plan.budget.scope == "sequence":
+            if attention_mask is None:  # every token real: the counts need no look at the device
+                counts = [length] * batch, [int(protect is not None and past_length == 0)] * batch
+            else:  # one wait for the device per forward instead of several per module
+                counts = tuple(torch.stack([valid.sum(1), (valid & protect).sum(1) if protect is not None
+                                            else torch.zeros_like(valid[:, 0], dtype=torch.long)]).tolist())
+            kept = plan.budget.kept_counts(*counts)
+            capacity, skips = max(kept, default=0), any(k < n for k, n in zip(kept, counts[0]))
+        return cls(plan, bank if plan.apply_gates else None, valid, context, protect, capacity, skips)
 
     @property
     def physical(self) -> bool:
