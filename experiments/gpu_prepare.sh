@@ -2,7 +2,8 @@
 # Stage what the GPU round (experiments/gpu_train.sh) needs into .gpu/ (git-ignored), in two
 # halves, because one call to the lent GPU machine carries at most 64 MiB and the bundled
 # GGUF alone is 94 MiB: .gpu/a = wheels the machine lacks + the GGUF's first 50 MB,
-# .gpu/b = the rest of the GGUF + the training text.
+# .gpu/b = the rest of the GGUF + the training text; .gpu/p = what experiments/gpu_prefill.sh
+# needs (the tokenizer and the transformers wheel; its weights are random).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,4 +15,6 @@ head -c 50000000 "$gguf" > .gpu/a/gguf.part
 tail -c +50000001 "$gguf" > .gpu/b/gguf.part
 "$PY" experiments/build_qa_text.py .gpu/b/qa_mix.jsonl.gz
 sha256sum "$gguf" | cut -d' ' -f1 > .gpu/b/gguf.sha256
-du -sh .gpu/a .gpu/b
+mkdir -p .gpu/p/whl && cp .gpu/a/whl/transformers-*.whl .gpu/p/whl/
+cp "$("$PY" -c "from gateskip.loading import resolve_spec; print(resolve_spec('smollm2-135m'))")"/tokenizer* .gpu/p/
+du -sh .gpu/a .gpu/b .gpu/p
