@@ -103,12 +103,12 @@ class ForwardContext:
         capacity = skips = None
         if isinstance(plan.budget, QuantileBudget) and plan.budget.scope == "sequence":
             if attention_mask is None:  # every token real: the counts need no look at the device
-                counts = [length] * batch, [int(protect is not None and past_length == 0)] * batch
+                real, protected = [length] * batch, [int(protect is not None and past_length == 0)] * batch
             else:  # one wait for the device per forward instead of several per module
-                counts = tuple(torch.stack([valid.sum(1), (valid & protect).sum(1) if protect is not None
-                                            else torch.zeros_like(valid[:, 0], dtype=torch.long)]).tolist())
-            kept = plan.budget.kept_counts(*counts)
-            capacity, skips = max(kept, default=0), any(k < n for k, n in zip(kept, counts[0]))
+                guarded = valid & protect if protect is not None else torch.zeros_like(valid)
+                real, protected = torch.stack([valid.sum(1), guarded.sum(1)]).tolist()
+            kept = plan.budget.kept_counts(real, protected)
+            capacity, skips = max(kept, default=0), any(k < n for k, n in zip(kept, real))
         return cls(plan, bank if plan.apply_gates else None, valid, context, protect, capacity, skips)
 
     @property

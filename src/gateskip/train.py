@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
@@ -86,7 +86,6 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"
     max_minutes: float | None = None  # stop (validate, export) at this wall-clock limit
-
 
     def __post_init__(self) -> None:
         check_sparsity_kind(self.sparsity_loss)
@@ -348,7 +347,6 @@ def _past(accelerator: Accelerator, deadline: float) -> bool:
     return bool(accelerator.reduce(late, "max").item())
 
 
-
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the folder of the final export."""
     out = _prepare_run_dir(cfg)
@@ -393,19 +391,16 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{metrics['lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
                             gate=f"{metrics['mean_gate']:.3f}", skip=f"{metrics['skip_ratio']:.2f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if len(val_blocks) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            out_of_time = bool(cfg.max_minutes) and step < cfg.steps and _past(accelerator, deadline)
+            if out_of_time:
+                accelerator.print(f"time limit of {cfg.max_minutes} min reached at step {step} of {cfg.steps}")
+            if len(val_blocks) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or out_of_time):
                 val = validate(accelerator, model, val_blocks, cfg)
                 log.write({"step": step, **val})
                 accelerator.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f} at skip {cfg.target_skip:.2f}")
-            if cfg.save_every and step % cfg.save_every == 0:
+            if (cfg.save_every and step % cfg.save_every == 0) or out_of_time:
                 checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
-            if cfg.max_minutes and step < cfg.steps and _past(accelerator, deadline):
-                accelerator.print(f"time limit of {cfg.max_minutes} min reached at step {step} of {cfg.steps}")
-                if len(val_blocks):
-                    val = validate(accelerator, model, val_blocks, cfg)
-                    log.write({"step": step, **val})
-                    accelerator.print(f"step {step}: val loss {val['val_loss']:.4f} at skip {cfg.target_skip:.2f}")
-                checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+            if out_of_time:
                 break
     except KeyboardInterrupt:
         # One process can save alone; with several, a collective save could hang on a dead peer.
@@ -481,8 +476,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     final = train(config_from_args(args))
     PartialState().print(f"saved {final}")  # every process returns the path; only the main one wrote it
     return 0
