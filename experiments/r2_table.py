@@ -4,8 +4,10 @@
 
 Accuracy with the net FLOP saving in brackets, per budget and method; then each method's
 accuracy relative to the base at 15 % and 25 % net saving, interpolated linearly between
-the measured points on either side (a point exactly there is used as is), and the largest
-measured net saving that keeps 90 % / 95 % of the base accuracy.
+the measured points on either side (a point exactly there is used as is), and the sweeps'
+own summary figures (gateskip.evaluation.summarize): accuracy at 0 % and the largest
+measured net saving that keeps 90 % / 95 % of the base accuracy. --plot draws the combined
+sweeps with the sweeps' own figure (gateskip.evaluation.report.plot).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import json
 import sys
 from pathlib import Path
 
+from gateskip.evaluation import summarize
+from gateskip.evaluation.report import plot
+
 
 def main() -> None:
     args = sys.argv[1:]
-    plot = args.pop(args.index("--plot") + 1) if "--plot" in args else None
+    figure = args.pop(args.index("--plot") + 1) if "--plot" in args else None
     folders = [a for a in args if a != "--plot"]
     records = [r for folder in folders for r in json.loads((Path(folder) / "results.json").read_text())["records"]
                if r["metric"] == "acc"]
@@ -40,40 +45,20 @@ def main() -> None:
     print("| task | method | at 0 % | retained at 15 % net saved | retained at 25 % net saved "
           "| net saved at >= 90 % of base | at >= 95 % |")
     print("|---|---|---|---|---|---|---|")
+    summary = {(row["task"], row["method"]): row for row in summarize(list(point.values()))}
     for t in tasks:
         for m in methods:
+            row = summary[(t, m)]
             curve = sorted((r["net_saving"], r["value"]) for (tt, mm, _), r in point.items() if tt == t and mm == m)
-            at0 = point[(t, m, 0.0)]["value"] if (t, m, 0.0) in point else base[t]
+            at0 = base[t] if row["at_0"] is None else row["at_0"]
             print(f"| {t} | {m} | {at0:.3f} | {retained(curve, 0.15, base[t])} | {retained(curve, 0.25, base[t])} "
-                  f"| {saved_at(curve, 0.90 * base[t])} | {saved_at(curve, 0.95 * base[t])} |")
-    if plot:
-        draw(plot, tasks, methods, point, base)
+                  f"| {percent(row['saved_at_90'])} | {percent(row['saved_at_95'])} |")
+    if figure:
+        plot(list(point.values()), figure)
 
 
-def draw(path: str, tasks, methods, point, base) -> None:
-    """Accuracy against net FLOP saving, one panel per task, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
-        for m in methods:
-            xs, ys = zip(*sorted((100 * r["net_saving"], r["value"]) for (tt, mm, _), r in point.items() if tt == t and mm == m))
-            ax.plot(xs, ys, marker="o", label=m)
-        ax.axhline(base[t], color="grey", linestyle="--", label="base")
-        ax.axhline(0.95 * base[t], color="grey", linestyle=":", label="95 % of base")
-        ax.set(title=t, xlabel="net FLOP saved (%)", ylabel="accuracy")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def saved_at(curve: list[tuple[float, float]], floor: float) -> str:
-    """The largest measured net saving whose accuracy is at least `floor` (as the sweep reports it)."""
-    ok = [x for x, y in curve if y >= floor - 1e-9]
-    return f"{100 * max(ok):.1f} %" if ok else "none"
+def percent(saving: float | None) -> str:
+    return "none" if saving is None else f"{100 * saving:.1f} %"
 
 
 def retained(curve: list[tuple[float, float]], target: float, base: float) -> str:
