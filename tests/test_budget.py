@@ -55,7 +55,7 @@ def test_kept_counts_known_ahead_match_what_keep_yields(ratio):
         keep = QuantileBudget(ratio).keep(torch.rand(4, 9), valid, prot, "attn.0")
         protected = [0] * 4 if prot is None else (valid & prot).sum(1).tolist()
         assert QuantileBudget(ratio).kept_counts(valid.sum(1).tolist(), protected) == keep.sum(1).tolist()
-    assert QuantileBudget(0.5, scope="batch").kept_counts([9], [0]) is None
+    assert not QuantileBudget(0.5, scope="batch").known_ahead and QuantileBudget(0.5).known_ahead
 
 
 def test_threshold_skips_below_the_module_threshold():

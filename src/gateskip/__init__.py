@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .budget import QuantileBudget, ThresholdBudget
+from .budget import AllocationBudget, QuantileBudget, ThresholdBudget
 from .config import GateConfig
 from .errors import GateSkipError
 from .flops import FlopReport, ModelDims, flop_report
@@ -38,6 +38,7 @@ __all__ = [
     "GateConfig",
     "GateSkipError",
     "QuantileBudget",
+    "AllocationBudget",
     "ThresholdBudget",
     "SkipPlan",
     "SkipStats",

@@ -1,7 +1,12 @@
 """Budget policies: which tokens skip a gated module, given their importance.
 
-Both policies return a keep mask over (batch, time). Padding is never kept and
+Every policy returns a keep mask over (batch, time). Padding is never kept and
 never counted; protected tokens (e.g. BOS when it may not be skipped) are always kept.
+
+A policy also says, per module and before any gate runs, whether the module is fixed:
+`fixed(key)` is True when every token runs it (ratio 0), False when every skippable token
+skips it (ratio 1), None when the gates decide. Fixed modules evaluate no gate (unit gates),
+and a module every token skips runs nothing at all.
 """
 
 from __future__ import annotations
@@ -37,12 +42,18 @@ class QuantileBudget:
         if self.scope not in SCOPES:
             raise GateSkipError(f"quantile scope must be one of {SCOPES}, got {self.scope!r}")
 
-    def kept_counts(self, valid: list[int], protected: list[int]) -> list[int] | None:
+    @property
+    def known_ahead(self) -> bool:
+        """Whether kept counts follow from the padding alone (not with batch pooling, where a
+        sequence's count depends on the others' importances)."""
+        return self.scope == "sequence"
+
+    def fixed(self, key: str) -> bool | None:
+        return _fixed(self.ratio)
+
+    def kept_counts(self, valid: list[int], protected: list[int], key: str = "") -> list[int]:
         """Tokens each sequence keeps (what `keep` will yield), known from the padding alone, so
-        physical execution can size its buffers without waiting for the device. None for
-        scope="batch", where a sequence's count depends on the others' importances."""
-        if self.scope != "sequence":
-            return None
+        physical execution can size its buffers without waiting for the device (scope="sequence")."""
         return [n - min(math.floor(n * self.ratio + 1e-9), n - p) for n, p in zip(valid, protected)]
 
     def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
@@ -70,6 +81,11 @@ class ThresholdBudget:
 
     thresholds: Mapping[str, float] = field(default_factory=dict)
     ratio: float | None = None  # the target ratio the thresholds were calibrated for (a label)
+    known_ahead = False
+
+    def fixed(self, key: str) -> bool | None:
+        t = self.thresholds.get(key)
+        return True if t == -math.inf else False if t == math.inf else None
 
     def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
         if key not in self.thresholds:
@@ -78,13 +94,52 @@ class ThresholdBudget:
         return keep if protect is None else keep | (valid & protect)
 
 
-Budget = Union[QuantileBudget, ThresholdBudget]
+@dataclass(frozen=True)
+class AllocationBudget:
+    """One net-saving target for the whole model, split into a skip ratio per module
+    (gateskip.allocation finds the split). Ratio 1 removes a module for every token, 0 leaves it
+    whole; in between the gates pick the tokens: a per-sequence quantile at the module's ratio
+    (prefill, scoring), or, when `thresholds` are given, the module's calibrated threshold
+    (cached decoding: causal, one token at a time)."""
+
+    ratios: Mapping[str, float]
+    target: float  # the net FLOP saving the ratios were chosen for (a label)
+    thresholds: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        for r in self.ratios.values():
+            check_ratio(r)
+
+    @property
+    def known_ahead(self) -> bool:
+        return self.thresholds is None
+
+    def ratio(self, key: str) -> float:
+        return self.ratios.get(key, 0.0)
+
+    def fixed(self, key: str) -> bool | None:
+        return _fixed(self.ratio(key))
+
+    def kept_counts(self, valid: list[int], protected: list[int], key: str = "") -> list[int]:
+        return QuantileBudget(self.ratio(key)).kept_counts(valid, protected)
+
+    def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
+        if self.thresholds is None:
+            return QuantileBudget(self.ratio(key)).keep(imp, valid, protect, key)
+        return ThresholdBudget(self.thresholds, self.target).keep(imp, valid, protect, key)
+
+
+def _fixed(ratio: float) -> bool | None:
+    return True if ratio == 0.0 else False if ratio == 1.0 else None
+
+
+Budget = Union[QuantileBudget, ThresholdBudget, AllocationBudget]
 
 
 def as_budget(budget: "Budget | float | None") -> Budget | None:
     """Accept a bare ratio as shorthand for the default per-sequence quantile budget."""
-    if budget is None or isinstance(budget, (QuantileBudget, ThresholdBudget)):
+    if budget is None or isinstance(budget, (QuantileBudget, ThresholdBudget, AllocationBudget)):
         return budget
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         return QuantileBudget(check_ratio(budget))
-    raise GateSkipError(f"a budget is a ratio in [0, 1], a QuantileBudget or a ThresholdBudget, got {budget!r}")
+    raise GateSkipError(f"a budget is a ratio in [0, 1] or a budget policy (gateskip.budget), got {budget!r}")

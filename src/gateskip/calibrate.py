@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -34,11 +34,15 @@ def ratio_key(ratio: float) -> str:
 class _CalibratingBudget(ThresholdBudget):
     """A ThresholdBudget that sets a module's threshold the first time it runs, from the
     importances of that call, then applies it. Modules run in order, so each threshold is
-    measured under the skipping of all earlier modules."""
+    measured under the skipping of all earlier modules. `ratios` gives a module its own
+    target (an allocation); other modules take `ratio`."""
+
+    ratios: Mapping[str, float] | None = None
 
     def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
         if key not in self.thresholds:
-            self.thresholds[key] = _quantile_threshold(imp, valid, protect, self.ratio)
+            ratio = self.ratio if self.ratios is None else self.ratios.get(key, 0.0)
+            self.thresholds[key] = _quantile_threshold(imp, valid, protect, ratio)
         return super().keep(imp, valid, protect, key)
 
 
@@ -97,6 +101,19 @@ def calibrate(
         found[ratio_key(ratio)] = dict(budget.thresholds)
     model.gate_bank.thresholds.update(found)
     return found
+
+
+@torch.no_grad()
+def calibrate_allocation(model, samples: tuple[torch.Tensor, torch.Tensor], allocations: dict[str, dict]) -> None:
+    """Decoding thresholds for stored allocations: each partly skipped module's threshold is the
+    quantile at its own ratio, set in execution order as `calibrate` does; kept in each entry."""
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in samples)
+    for target, entry in allocations.items():
+        ratios = entry["ratios"]
+        budget = _CalibratingBudget(thresholds={}, ratio=float(target), ratios=ratios)
+        model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=budget), logits_to_keep=1)
+        entry["thresholds"] = {k: v for k, v in budget.thresholds.items() if 0.0 < ratios.get(k, 0.0) < 1.0}
 
 
 def threshold_budget(model, ratio: float) -> ThresholdBudget:

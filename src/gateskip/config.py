@@ -10,6 +10,7 @@ from .errors import GateSkipError
 
 GATE_KINDS = ("vector", "scalar", "lowrank")
 BRANCHES = ("attn", "mlp")
+APPLICATIONS = ("soft", "unit")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class GateConfig:
         travels with the gates, because gates trained with the first token protected
         have never learned to keep it: position 0 is the attention sink, and skipping it
         costs far more than any other token (docs/architecture.md).
+    application: how a kept token's branch output enters the residual stream
+        (design.md section 5). "soft" scales it by the gate, as the paper: the model differs
+        from the base even when nothing is skipped. "unit" adds it unscaled (the gate only
+        ranks tokens; training keeps a gradient into it through a straight-through factor
+        whose forward value is exactly 1), so at budget 0 the model is the base bit for bit.
+        Files written before the option existed hold soft gates.
     """
 
     kind: str = "vector"
@@ -37,6 +44,7 @@ class GateConfig:
     init_std: float = 0.01
     init_bias: float = 5.0
     skip_bos: bool = True
+    application: str = "soft"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "branches", tuple(self.branches))
@@ -44,8 +52,14 @@ class GateConfig:
             raise GateSkipError(f"unknown gate kind {self.kind!r}; choose one of {', '.join(GATE_KINDS)}")
         if not self.branches or any(b not in BRANCHES for b in self.branches):
             raise GateSkipError(f"branches must be a non-empty subset of {BRANCHES}, got {self.branches}")
+        if self.application not in APPLICATIONS:
+            raise GateSkipError(f"unknown gate application {self.application!r}; choose one of {', '.join(APPLICATIONS)}")
         if self.kind == "lowrank" and (not isinstance(self.rank, int) or self.rank <= 0):
             raise GateSkipError(f"low-rank gate rank must be a positive integer, got {self.rank}")
+
+    @property
+    def unit(self) -> bool:
+        return self.application == "unit"
 
     def check_width(self, hidden_size: int) -> None:
         """Rank is bounded by the model width, known only once a model is at hand."""

@@ -5,8 +5,10 @@ A multiply-add counts as 2 FLOPs. Decoder-layer FLOPs per token:
   attention: q and o projections 2*d*(H*D) each, k and v 2*d*(KV*D) each,
              scores and weighted sum 4*H*D*context (context = keys the query sees);
   MLP:       2*d*I per projection (3 for gated MLPs: gate, up, down).
-A skipped attention token saves q, o, scores and weighted sum (k and v still run);
-a skipped MLP token saves the whole MLP. Norms, RoPE and softmax are not counted.
+A skipped attention token saves q, o, scores and weighted sum (k and v still run, except
+in a removed module with no cache to fill); a skipped MLP token saves the whole MLP. Gates
+cost only where they were evaluated (unit gates skip the gate of a module every token
+runs or every token skips). Norms, RoPE and softmax are not counted.
 The LM head (2*d*V per token) is reported separately, since prefill and decoding
 compute it for different numbers of tokens.
 """
@@ -110,10 +112,11 @@ def flop_report(stats: SkipStats, dims: ModelDims, gate_config: GateConfig | Non
     dense = dims.layers * (tokens * per_token + context * dims.attn_per_context)
     skipped = gate_evals = skipped_evals = 0.0
     for key, c in stats.modules().items():
-        gate_evals += c.seen
+        gate_evals += c.gate_evaluations
         skipped_evals += c.skipped
         if key.startswith("attn."):
             skipped += c.skipped * dims.attn_skippable_per_token + c.skipped_context * dims.attn_per_context
+            skipped += c.kv_skipped * dims.attn_kv_per_token
         else:
             skipped += c.skipped * dims.mlp_per_token
     gates = gate_evals * gate_flops_per_token(gate_config, dims.hidden) if gate_config else 0.0

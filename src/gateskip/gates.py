@@ -61,6 +61,8 @@ class GateBank(nn.Module):
         self.hidden_size = hidden_size
         # Calibrated importance thresholds: {target ratio as text: {module key: threshold}}.
         self.thresholds: dict[str, dict[str, float]] = {}
+        # Allocations: {net saving target as text: {"ratios", "thresholds", "saving", "kl"}} (gateskip.allocation).
+        self.allocations: dict[str, dict] = {}
         n = 1 if config.shared else num_layers
         self.gates = nn.ModuleDict(
             {b: nn.ModuleList(Gate(hidden_size, config) for _ in range(n)) for b in config.branches}

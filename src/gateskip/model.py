@@ -46,6 +46,8 @@ class GatedCausalLMMixin:
             ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None else 0
+            if cache is None:  # no cache unless asked: a removed attention module then computes no keys either
+                kwargs.setdefault("use_cache", False)
             kwargs["skip_ctx"] = ForwardContext.build(
                 skip_plan, self.gate_bank, ref.shape[0], ref.shape[1], attention_mask, past, ref.device
             )
@@ -140,6 +142,7 @@ def save_gates(model: PreTrainedModel, path: str | os.PathLike) -> Path:
         "hidden_size": bank.hidden_size,
         "model_type": model.config.model_type,
         "thresholds": bank.thresholds,
+        "allocations": bank.allocations,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
     tmp = target.with_suffix(".tmp")
@@ -178,6 +181,8 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
             f"but this model has {n_layers} layers of width {width}"
         )
     config = GateConfig.from_dict(meta["gate_config"])
+    allocations = meta.get("allocations", {})
+    _check_allocations(allocations, GateBank(n_layers, width, config).module_keys(), str(target))
     misfit = _first_misfit(GateBank(n_layers, width, config).state_dict(), tensors)
     if misfit:
         raise GateSkipError(f"gate file {target} does not fit this model: {misfit}")
@@ -186,7 +191,21 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
     add_gates(model, config)
     model.gate_bank.load_state_dict(tensors, strict=True)
     model.gate_bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}
+    model.gate_bank.allocations = {k: dict(v) for k, v in allocations.items()}
     return model
+
+
+def _check_allocations(allocations: dict, module_keys: list[str], where: str) -> None:
+    """Refuse allocations whose modules are not this model's gated modules (made for another model)."""
+    known = set(module_keys)
+    for target, entry in allocations.items():
+        ratios = entry.get("ratios") if isinstance(entry, dict) else None
+        if not isinstance(ratios, dict):
+            raise GateSkipError(f"{where}: allocation {target} is malformed")
+        extra = sorted(set(ratios) - known)
+        if extra:
+            raise GateSkipError(f"{where}: allocation {target} names module {extra[0]}, which these gates do not have "
+                                f"(an allocation made for another model)")
 
 
 def _first_misfit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import Budget, QuantileBudget, as_budget
+from .budget import Budget, as_budget
 from .errors import GateSkipError
-from .gates import Gate, GateBank, importance
+from .gates import GateBank, importance
 from .stats import SkipStats
 
 EXECUTIONS = ("masked", "physical")
@@ -61,6 +61,37 @@ class SkipPlan:
             raise GateSkipError("skipping ranks tokens by their gates: a budget needs apply_gates=True")
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What one gated module does in one forward, decided before its branch runs.
+
+    scale: multiplies the kept outputs (soft gates: the gate values; unit gates in training:
+        the straight-through factor, exactly 1 forward); None adds them unscaled.
+    keep: (B, T) tokens that run the branch; None when every token does (no mask to apply).
+    packed: physical execution with some token skipped: gather the kept tokens, run, scatter.
+    capacity: most tokens any sequence keeps here, when known without the device.
+    removed: physical execution where no token runs the branch: nothing to compute at all.
+    """
+
+    scale: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    packed: bool = False
+    capacity: int | None = None
+    removed: bool = False
+
+
+UNGATED = Decision()
+
+
+def unit_factor(g: torch.Tensor) -> torch.Tensor | None:
+    """Straight-through factor of unit gates: imp / imp.detach() is exactly 1 in the forward, and
+    gives the gate the gradient of scaling its branch; None (no multiply) when no gradient is taken."""
+    if not g.requires_grad:
+        return None
+    imp = importance(g).unsqueeze(-1)
+    return (imp / imp.detach()).to(g.dtype)
+
+
 @dataclass
 class ForwardContext:
     """One forward call's view of the plan: which tokens are real, how much context each sees."""
@@ -70,8 +101,7 @@ class ForwardContext:
     valid: torch.Tensor  # (B, T) bool: not padding
     context: torch.Tensor  # (B, T) float: keys each query attends to (for FLOP accounting)
     protect: torch.Tensor | None  # (B, T) bool: tokens that are never skipped
-    capacity: int | None = None  # most tokens any sequence keeps in a module, when known ahead
-    skips: bool | None = None  # whether any module skips any token, when known ahead
+    counts: tuple[list[int], list[int]] | None = None  # per sequence (real, protected) tokens, when known ahead
 
     @classmethod
     def build(
@@ -100,35 +130,55 @@ class ForwardContext:
             protect = positions[None, :] == first[:, None]
         if plan.stats is not None:
             plan.stats.record_forward(valid, context)
-        capacity = skips = None
-        if isinstance(plan.budget, QuantileBudget) and plan.budget.scope == "sequence":
+        counts = None
+        if plan.budget is not None and plan.budget.known_ahead:
             if attention_mask is None:  # every token real: the counts need no look at the device
-                real, protected = [length] * batch, [int(protect is not None and past_length == 0)] * batch
+                counts = [length] * batch, [int(protect is not None and past_length == 0)] * batch
             else:  # one wait for the device per forward instead of several per module
                 guarded = valid & protect if protect is not None else torch.zeros_like(valid)
-                real, protected = torch.stack([valid.sum(1), guarded.sum(1)]).tolist()
-            kept = plan.budget.kept_counts(real, protected)
-            capacity, skips = max(kept, default=0), any(k < n for k, n in zip(kept, real))
-        return cls(plan, bank if plan.apply_gates else None, valid, context, protect, capacity, skips)
+                counts = tuple(torch.stack([valid.sum(1), guarded.sum(1)]).tolist())
+        return cls(plan, bank if plan.apply_gates else None, valid, context, protect, counts)
 
     @property
     def physical(self) -> bool:
         return self.plan.execution == "physical"
 
-    def gate(self, branch: str, layer: int) -> Gate | None:
-        return None if self.bank is None else self.bank.get(branch, layer)
+    def decide(self, branch: str, layer: int, x: torch.Tensor, needs_keys: bool = False) -> Decision:
+        """Evaluate a module's gate where one is needed and decide which tokens run its branch.
 
-    def decide(self, key: str, gate_values: torch.Tensor | None) -> torch.Tensor | None:
-        """Keep mask (B, T) of a module, or None where the module is not gated (nothing skipped)."""
-        if gate_values is None:
-            return None
-        budget = self.plan.budget
-        if budget is None:
+        x is the branch input; needs_keys says that a cache wants this attention module's keys
+        and values even if no token runs it."""
+        gate = None if self.bank is None else self.bank.get(branch, layer)
+        if gate is None:
+            return UNGATED
+        key, budget, unit = f"{branch}.{layer}", self.plan.budget, self.bank.config.unit
+        fixed = True if budget is None else budget.fixed(key)
+        # A gate is evaluated only where it decides or scales, or where training reads it.
+        evaluate = fixed is None or (fixed and not unit) or (fixed is not False and self.plan.trace is not None)
+        g = gate(x) if evaluate else None
+        if fixed is True:
             keep = self.valid
+        elif fixed is False:
+            keep = self.valid & self.protect if self.protect is not None else torch.zeros_like(self.valid)
         else:
-            keep = budget.keep(importance(gate_values), self.valid, self.protect, key)
+            keep = budget.keep(importance(g), self.valid, self.protect, key)
+        removed = self.physical and fixed is False and self.protect is None
         if self.plan.stats is not None:
-            self.plan.stats.record_module(key, self.valid, keep, self.context)
-        if self.plan.trace is not None:
-            self.plan.trace.entries.append((key, gate_values, self.valid))
-        return keep
+            self.plan.stats.record_module(key, self.valid, keep, self.context, gated=g is not None,
+                                          kv_skipped=removed and branch == "attn" and not needs_keys)
+        if self.plan.trace is not None and g is not None:
+            self.plan.trace.entries.append((key, g, self.valid))
+        scale = None if g is None else unit_factor(g) if unit else g
+        if fixed is True:
+            return Decision(scale, None)
+        if not self.physical:
+            return Decision(scale, keep)
+        if removed:
+            return Decision(None, keep, removed=True)
+        capacity = skips = None
+        if self.counts is not None:
+            kept = budget.kept_counts(*self.counts, key)
+            capacity, skips = max(kept, default=0), any(k < n for k, n in zip(kept, self.counts[0]))
+        if skips is None:
+            skips = not bool(keep.all())  # waits for the device
+        return Decision(scale, keep, packed=True, capacity=capacity) if skips else Decision(scale, None)

@@ -16,7 +16,9 @@ class SkipStats:
 
     tokens: valid (non-padding) tokens that went through the model.
     context: sum over those tokens of the number of keys each attended to.
-    per module key ("attn.3", "mlp.3"): [gate evaluations, skipped, context of skipped].
+    per module key ("attn.3", "mlp.3"): [tokens seen, skipped, context of skipped, gate
+    evaluations, tokens whose keys and values were not computed either (a removed attention
+    module with no cache to fill)].
     """
 
     def __init__(self) -> None:
@@ -29,9 +31,11 @@ class SkipStats:
         self._totals = row if self._totals is None else self._totals + row
         self.forwards += 1
 
-    def record_module(self, key: str, valid: torch.Tensor, keep: torch.Tensor, context: torch.Tensor) -> None:
+    def record_module(self, key: str, valid: torch.Tensor, keep: torch.Tensor, context: torch.Tensor,
+                      gated: bool = True, kv_skipped: bool = False) -> None:
         skipped = valid & ~keep
-        row = torch.stack([valid.sum(), skipped.sum(), (context * skipped).sum()]).double()
+        seen = valid.sum()
+        row = torch.stack([seen, skipped.sum(), (context * skipped).sum(), seen * gated, skipped.sum() * kv_skipped]).double()
         self._modules[key] = self._modules[key] + row if key in self._modules else row
 
     @property
@@ -45,8 +49,8 @@ class SkipStats:
     def modules(self) -> dict[str, "ModuleCount"]:
         out = {}
         for key, row in self._modules.items():
-            seen, skipped, ctx = row.tolist()
-            out[key] = ModuleCount(int(seen), int(skipped), ctx)
+            seen, skipped, ctx, gated, kv = row.tolist()
+            out[key] = ModuleCount(int(seen), int(skipped), ctx, int(gated), int(kv))
         return out
 
     def skip_fraction(self, key: str) -> float:
@@ -59,3 +63,5 @@ class ModuleCount:
     seen: int
     skipped: int
     skipped_context: float
+    gate_evaluations: int = 0
+    kv_skipped: int = 0

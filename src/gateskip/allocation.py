@@ -1,0 +1,290 @@
+"""Allocation: one net-saving target for the whole model, split into a skip ratio per module.
+
+A user asks for one figure, the net FLOP saving of the decoder layers with the gates' own
+cost included (design.md section 6). Which modules should pay for it is found from data:
+a greedy search that, step by step, raises the one module's skip ratio (to its next level,
+or straight to 1, removing it) that costs the least KL divergence to the base model per
+FLOP saved, measured on sample text under everything chosen so far. Steps are evaluated
+lazily (a candidate's last measurement ranks it until it is re-measured at the top), so a
+step costs a few forwards instead of one per module. ShortGPT's layer removal and
+attention-only removal are points of this search space.
+
+The search path is nested: the allocation for 10 % is a prefix of the one for 25 %. Each
+target's allocation is stored in the gate file with per-module thresholds calibrated for
+decoding; `allocation_budget` turns a stored target into an AllocationBudget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .budget import AllocationBudget, check_ratio
+from .calibrate import calibrate_allocation, ratio_key, sample_tokens
+from .errors import GateSkipError
+from .flops import ModelDims, gate_flops_per_token
+from .gates import GateBank
+from .model import is_gated
+from .plan import SkipPlan
+
+LEVELS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """FLOPs per token of one module at a reference context length: what skipping it saves
+    (per unit of skip ratio), what removing it saves on top (keys and values), what its gate costs."""
+
+    skip: float
+    removal_extra: float
+    gate: float
+
+    def saving(self, ratio: float) -> float:
+        partial = 0.0 < ratio < 1.0
+        return ratio * self.skip + (ratio == 1.0) * self.removal_extra - partial * self.gate
+
+
+def module_costs(bank: GateBank, dims: ModelDims, context: float) -> tuple[dict[str, ModuleCost], float]:
+    """Per-module costs and the ungated model's decoder-layer FLOPs per token, for queries that
+    see `context` keys on average (attention scores grow with context; gateskip.flops)."""
+    gate = gate_flops_per_token(bank.config, dims.hidden)
+    attn = ModuleCost(dims.attn_skippable_per_token + context * dims.attn_per_context, dims.attn_kv_per_token, gate)
+    mlp = ModuleCost(dims.mlp_per_token, 0.0, gate)
+    dense = dims.layers * (dims.attn_skippable_per_token + dims.attn_kv_per_token + dims.mlp_per_token
+                           + context * dims.attn_per_context)
+    return {k: attn if k.startswith("attn.") else mlp for k in bank.module_keys()}, dense
+
+
+def predicted_saving(ratios: dict[str, float], costs: dict[str, ModuleCost], dense: float) -> float:
+    """Net FLOP saving of an allocation under the cost model (scoring and prefill accounting)."""
+    return sum(costs[k].saving(r) for k, r in ratios.items()) / dense
+
+
+def _fit(ratios: dict[str, float], key: str, before: float, costs: dict[str, ModuleCost], dense: float,
+         target: float) -> dict[str, float]:
+    """The allocation with `key` moved back from its new ratio towards `before` so that the
+    predicted saving is the target exactly (the step that crossed it may overshoot)."""
+    fitted = dict(ratios)
+    base = predicted_saving({k: r for k, r in ratios.items() if k != key}, costs, dense) * dense
+    cost = costs[key]
+    # inside (0, 1) the module pays its gate: target * dense = base + r * skip - gate
+    r = (target * dense - base + cost.gate) / cost.skip
+    fitted[key] = min(max(r, before), ratios[key])
+    return {k: v for k, v in fitted.items() if v > 0}
+
+
+def kl_to_base(model, ids: torch.Tensor, mask: torch.Tensor, base_logp: torch.Tensor, budget) -> float:
+    """Mean KL(base || skipping model) of next-token distributions over real tokens."""
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=budget)).logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+    valid = mask.bool()
+    return float(kl[valid].mean())
+
+
+@torch.no_grad()
+def search(
+    model,
+    samples: tuple[torch.Tensor, torch.Tensor],
+    targets: Sequence[float],
+    levels: Sequence[float] = LEVELS,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict]:
+    """Lazy greedy allocation search; returns {target key: {"ratios", "saving", "kl"}}.
+
+    samples: (ids, mask) of text no evaluation uses. KL is measured against the model with
+    nothing skipped and the gates not applied (the base)."""
+    if not is_gated(model):
+        raise GateSkipError("an allocation needs a model with gates (add_gates or load_gates first)")
+    targets = sorted(check_ratio(t) for t in targets)
+    ids, mask = samples
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    bank = model.gate_bank
+    keys = bank.module_keys()
+    context = float((mask.cumsum(1) * mask).sum() / mask.sum())
+    costs, dense = module_costs(bank, ModelDims.from_config(model.config), context)
+    most = predicted_saving(dict.fromkeys(keys, 1.0), costs, dense)
+    if targets[-1] >= most:
+        raise GateSkipError(f"target {targets[-1]:g} is beyond what this model allows: removing every gated module "
+                            f"saves {most:.3f} of the decoder-layer FLOPs")
+    base_logp = F.log_softmax(model(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False)).logits.float(), -1)
+
+    ratios: dict[str, float] = {}
+    current_kl = kl_to_base(model, ids, mask, base_logp, AllocationBudget({}, 0.0))
+    saving, step, evaluations = 0.0, 0, 0
+    found: dict[str, dict] = {}
+    for t in targets:
+        if t == 0:
+            found[ratio_key(t)] = {"ratios": {}, "saving": 0.0, "kl": current_kl}
+
+    def moves(key: str) -> list[float]:
+        now = ratios.get(key, 0.0)
+        higher = [lv for lv in levels if lv > now]
+        return sorted({higher[0], 1.0}) if higher else []
+
+    def measure(key: str, ratio: float) -> tuple[float, float] | None:
+        """(KL per unit of saving, KL) of moving `key` to `ratio`, or None if it saves nothing."""
+        nonlocal evaluations
+        gain = (costs[key].saving(ratio) - costs[key].saving(ratios.get(key, 0.0))) / dense
+        if gain <= 0:
+            return None
+        trial = {**ratios, key: ratio}
+        kl = kl_to_base(model, ids, mask, base_logp, AllocationBudget(trial, 0.0))
+        evaluations += 1
+        return (kl - current_kl) / gain, kl
+
+    heap: list[tuple[float, int, str, float, float]] = []  # (score, step measured, key, ratio, kl)
+    bar = tqdm(total=len(keys) * 2, desc="allocation: first look at every module", unit="forward", leave=False)
+    for key in keys:
+        for r in moves(key):
+            m = measure(key, r)
+            bar.update()
+            if m is not None:
+                heapq.heappush(heap, (m[0], step, key, r, m[1]))
+    bar.close()
+    bar = tqdm(total=round(100 * targets[-1]), desc="allocation", unit="% saved")
+    pending = [t for t in targets if t > 0]
+    while pending and heap:
+        score, measured, key, r, kl = heapq.heappop(heap)
+        if ratios.get(key, 0.0) >= r:
+            continue  # this module already moved past that level
+        if measured != step:  # stale: re-measure under what is chosen now, then rank again
+            m = measure(key, r)
+            if m is not None:
+                heapq.heappush(heap, (m[0], step, key, r, m[1]))
+            continue
+        before = ratios.get(key, 0.0)
+        ratios[key] = r
+        new_saving = predicted_saving(ratios, costs, dense)
+        while pending and new_saving >= pending[0] - 1e-12:
+            fitted = _fit(ratios, key, before, costs, dense, pending[0])
+            fitted_kl = kl if fitted == ratios else kl_to_base(model, ids, mask, base_logp, AllocationBudget(fitted, 0.0))
+            found[ratio_key(pending[0])] = {"ratios": fitted, "saving": predicted_saving(fitted, costs, dense),
+                                            "kl": fitted_kl}
+            if progress:
+                progress(f"target {pending[0]:g}: KL {fitted_kl:.4f} after {evaluations} forwards")
+            pending.pop(0)
+        bar.update(round(100 * new_saving) - bar.n)
+        saving, current_kl, step = new_saving, kl, step + 1
+        for nr in moves(key):
+            heapq.heappush(heap, (score, -1, key, nr, math.nan))  # ranked by the step just taken until measured
+    bar.close()
+    if pending:
+        raise GateSkipError(f"the search ran out of modules to skip at {saving:.3f} net saving")
+    return found
+
+
+def store(bank: GateBank, found: dict[str, dict]) -> None:
+    """Keep allocations in the gate bank (saved with the gates)."""
+    bank.allocations.update(found)
+
+
+def allocation_budget(model, target: float, decoding: bool = False) -> AllocationBudget:
+    """The stored allocation for a net-saving target as a budget: per-module quantiles for
+    scoring and prefill, or the calibrated per-module thresholds for cached decoding."""
+    target = check_ratio(target)
+    if not is_gated(model):
+        raise GateSkipError("an allocation budget needs a model with gates")
+    if target == 0.0:
+        return AllocationBudget({}, 0.0, {} if decoding else None)
+    stored = model.gate_bank.allocations
+    key = ratio_key(target)
+    if key not in stored:
+        have = ", ".join(sorted(stored, key=float)) or "none"
+        raise GateSkipError(f"no allocation stored for a net saving of {key} (stored: {have}); run "
+                            f"`gateskip allocate MODEL --gates PATH --targets {key}`")
+    entry = stored[key]
+    if decoding and "thresholds" not in entry:
+        raise GateSkipError(f"the allocation for {key} has no decoding thresholds; rerun `gateskip allocate`")
+    return AllocationBudget(dict(entry["ratios"]), float(key), dict(entry["thresholds"]) if decoding else None)
+
+
+def plot(allocations: dict, module_keys: list[str], path: Path) -> Path:
+    """Skip ratio per module (rows: attention and MLP per layer) for each stored target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted(allocations, key=float)
+    layers = sorted({int(k.split(".")[1]) for k in module_keys})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.25 * len(layers) + 2), sharey=True)
+    for ax, branch in zip(axes, ("attn", "mlp")):
+        grid = [[allocations[t]["ratios"].get(f"{branch}.{i}", 0.0) for t in targets] for i in layers]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(targets)), [f"{100 * float(t):g}%" for t in targets])
+        ax.set_title(f"{branch}: skip ratio per layer")
+        ax.set_xlabel("net saving target")
+    axes[0].set_yticks(range(len(layers)), layers)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="share of tokens that skip (1 = removed)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def describe(allocations: dict) -> str:
+    """One line per stored target: predicted saving, KL on the search text, modules removed / partial."""
+    lines = []
+    for t in sorted(allocations, key=float):
+        r = allocations[t]["ratios"]
+        removed = sorted((k for k, v in r.items() if v == 1.0), key=lambda k: (k[:4], int(k.split(".")[1])))
+        partial = sum(0 < v < 1 for v in r.values())
+        lines.append(f"target {t}: saving {allocations[t]['saving']:.3f}, KL {allocations[t]['kl']:.4f}, "
+                     f"{partial} modules partly skipped, removed: {', '.join(removed) or 'none'}")
+    return "\n".join(lines)
+
+
+# CLI ---------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("allocate", help="split net-saving targets into per-module skip ratios (saved with the gates)")
+    p.add_argument("model", help="bundled model name, local folder or hub id")
+    p.add_argument("--gates", required=True, help="gate file or folder (allocations are saved back into it)")
+    p.add_argument("--targets", type=float, nargs="+", help="net FLOP savings, e.g. 0.1 0.15 0.25")
+    p.add_argument("--text", default="bundled", help="search text no evaluation uses: 'bundled', .txt/.jsonl file or dataset folder")
+    p.add_argument("--sequences", type=int, default=2, help="search blocks")
+    p.add_argument("--length", type=int, default=256, help="tokens per search block")
+    p.add_argument("--show", action="store_true", help="print the stored allocations instead of searching")
+    p.add_argument("--plot", type=Path, help="write a plot of the allocations per module to this PNG")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loading import load_model
+    from .model import load_gates, save_gates
+
+    if not args.show and not args.targets:
+        raise GateSkipError("give --targets to search, or --show to print the stored allocations")
+    for t in args.targets or []:
+        check_ratio(t)
+    if args.sequences < 1 or args.length < 2:
+        raise GateSkipError("--sequences must be at least 1 and --length at least 2")
+    model, tokenizer = load_model(args.model)
+    load_gates(model, args.gates)
+    bank = model.gate_bank
+    if not args.show:
+        samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
+        found = search(model, samples, args.targets, progress=lambda line: tqdm.write(line))
+        store(bank, found)
+        calibrate_allocation(model, samples, bank.allocations)
+        path = save_gates(model, args.gates)
+        print(f"allocations for {', '.join(found)} found on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
+    if not bank.allocations:
+        raise GateSkipError(f"{args.gates} holds no allocations; run `gateskip allocate MODEL --gates PATH --targets ...`")
+    print(describe(bank.allocations))
+    if args.plot:
+        print(f"plot: {plot(bank.allocations, bank.module_keys(), args.plot)}")
+    return 0
