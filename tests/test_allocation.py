@@ -176,3 +176,4 @@ def test_allocation_budget_validates_ratios():
     assert AllocationBudget({"mlp.0": 1.0}, 0.1).fixed("mlp.0") is False
     assert AllocationBudget({"mlp.0": 1.0}, 0.1).fixed("attn.0") is True
     assert math.isclose(AllocationBudget({"mlp.0": 0.4}, 0.1).ratio("mlp.0"), 0.4)
+

@@ -93,6 +93,20 @@ def test_frozen_mode_changes_only_gates(assets, tmp_path):
     assert biases and all(not torch.allclose(b, torch.full_like(b, 5.0)) for b in biases)
 
 
+def test_the_influence_objective_trains_unit_gates_that_leave_the_base_intact(assets, tmp_path):
+    final = train(config(assets, tmp_path, mode="frozen", objective="influence", steps=20, gate_lr=3e-2))
+    losses = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    assert losses[-1] < 0.7 * losses[0]
+    model, _ = load_model(assets["model"])
+    ids = torch.randint(0, 100, (2, 16))
+    reference = model(ids).logits
+    load_gates(model, final)
+    assert model.gate_bank.config.application == "unit"
+    with torch.no_grad():
+        assert torch.equal(model(ids, skip_plan=SkipPlan(budget=0.0)).logits, reference)
+        assert not torch.equal(model(ids, skip_plan=SkipPlan(budget=0.5)).logits, reference)
+
+
 def test_lora_mode_changes_only_gates_and_adapters(assets, tmp_path):
     final = train(config(assets, tmp_path, mode="lora", steps=5, save_every=5, lora_rank=4))
     original = load_file(Path(assets["model"]) / "model.safetensors")
@@ -191,6 +205,7 @@ def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_mo
         (lambda p: dict(out=str(p / "file" / "run")), "not writable"),
         (lambda p: dict(resume=True), "nothing to resume"),
         (lambda p: dict(max_minutes=0), "max minutes must be positive"),
+        (lambda p: dict(objective="influence"), "use --mode frozen --gate-application unit"),
     ],
 )
 def test_bad_inputs_give_clear_errors(assets, tmp_path, overrides, message):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import allocation, analysis, baselines, calibrate, demo, generation, train
+from . import allocation, analysis, baselines, calibrate, demo, generation, proxy, train
 from .evaluation import cli as evaluation
 from .errors import GateSkipError
 
-COMMANDS = (demo, train, calibrate, allocation, generation, evaluation, baselines, analysis)
+COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, baselines, analysis)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,15 +33,17 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import GATE_KINDS, GateConfig
+from .config import APPLICATIONS, GATE_KINDS, GateConfig
 from .errors import GateSkipError
 from .loading import load_model
+from .influence import influence_loss
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .model import add_gates, save_gates
 from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
 MODES = ("full", "frozen", "lora")
+OBJECTIVES = ("lm", "influence")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Options that may change when a run is resumed; any other difference is refused.
@@ -59,6 +61,8 @@ class TrainConfig:
     mode: str = "full"
     gate_kind: str = "lowrank"
     rank: int = 32
+    gate_application: str = "unit"  # "soft" scales kept outputs by the gates (the paper); "unit" keeps the base intact
+    objective: str = "lm"  # "lm": end-to-end losses below; "influence": gates regress branch influence (frozen, unit)
     protect_first_token: bool = False
     sparsity_weight: float = 0.1
     sparsity_loss: str = "l2"
@@ -89,7 +93,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_sparsity_kind(self.sparsity_loss)
-        choices = {"mode": MODES, "gate_kind": GATE_KINDS, "mixed_precision": PRECISIONS}
+        choices = {"mode": MODES, "gate_kind": GATE_KINDS, "mixed_precision": PRECISIONS, "objective": OBJECTIVES,
+                   "gate_application": APPLICATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GateSkipError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -105,6 +110,9 @@ class TrainConfig:
             raise GateSkipError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if not self.data:
             raise GateSkipError("no training data given")
+        if self.objective == "influence" and (self.mode != "frozen" or self.gate_application != "unit"):
+            raise GateSkipError("the influence objective trains unit gates on a frozen backbone: "
+                                "use --mode frozen --gate-application unit")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise GateSkipError(f"max minutes must be positive, got {self.max_minutes}")
 
@@ -186,7 +194,8 @@ def build_model(cfg: TrainConfig):
     base_copy = None
     if cfg.mode == "full" and cfg.distill_weight > 0:
         base_copy = copy.deepcopy(model).requires_grad_(False).eval()
-    add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token))
+    add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token,
+                                application=cfg.gate_application))
     if cfg.mode == "frozen":
         model.requires_grad_(False)
     elif cfg.mode == "lora":
@@ -253,7 +262,11 @@ def _to_device(blocks: Blocks, device: torch.device) -> Blocks:
 
 
 def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float, teacher) -> LossTerms:
-    """Forward with masked skipping at ratio `skip` and every loss term."""
+    """Forward with masked skipping at ratio `skip` and every loss term (or the influence regression)."""
+    if cfg.objective == "influence":
+        loss = influence_loss(model, batch.input_ids, batch.attention_mask)
+        zero = loss.new_zeros(())
+        return LossTerms(loss, zero, zero, zero, zero)
     trace = GateTrace()
     plan = SkipPlan(budget=skip, execution="masked", trace=trace)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, skip_plan=plan, use_cache=False)
@@ -437,6 +450,11 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=MODES, default=d.mode, help="train backbone+gates, gates only, or LoRA+gates")
     p.add_argument("--gate-kind", choices=GATE_KINDS, default=d.gate_kind)
     p.add_argument("--rank", type=int, default=d.rank, help="rank of low-rank gates")
+    p.add_argument("--gate-application", choices=APPLICATIONS, default=d.gate_application,
+                   help="unit: kept outputs enter unscaled, budget 0 is the base (default); soft: scaled by the gates (the paper)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="lm: LM loss + sparsity (+ distillation) end to end; influence: gates regress each branch's "
+                        "measured influence, one forward per step (needs --mode frozen)")
     p.add_argument("--protect-first-token", action="store_true",
                    help="never skip the first token of a sequence (the attention sink); saved with the gates")
     p.add_argument("--sparsity-weight", type=float, default=d.sparsity_weight, help="lambda of the gate penalty")

@@ -1,0 +1,187 @@
+"""The fast proxy: LM loss and KL to the base on held-out text against net FLOPs saved.
+
+    gateskip proxy MODEL --gates A --gates B --text HELDOUT --out DIR
+
+Every way of skipping runs on the same held-out blocks with physical execution and the
+same accounting; each gives a curve of (net saving, loss, KL), and the table compares them
+at the same net savings (linear interpolation between measured points), so gate variants
+and baselines are ranked in minutes before any task is scored:
+
+- gateskip: the gates under their stored allocations (the gate file's targets);
+- equal: the same gates with the paper's equal share per module (per-sequence quantile);
+- shortgpt: 1, 2, ... whole layers removed by Block Influence (on the search text);
+- random: equal share per module, tokens chosen at random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .allocation import allocation_budget
+from .baselines import make_method
+from .calibrate import sample_tokens
+from .errors import GateSkipError
+from .flops import ModelDims, flop_report
+from .plan import SkipPlan
+from .stats import SkipStats
+
+EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+TARGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+
+
+class Scorer:
+    """Loss and KL to the base of one set of held-out blocks under any skip plan."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
+        self.model, self.ids, self.mask = model, ids, mask
+        self.valid = mask.bool()
+        self.dims = ModelDims.from_config(model.config)
+        self.base_logp = self._logp(SkipPlan(apply_gates=False))
+
+    def _logp(self, plan: SkipPlan) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(self.ids, attention_mask=self.mask, skip_plan=plan).logits.float()
+        return F.log_softmax(logits, dim=-1)
+
+    def point(self, budget, skip_bos: bool | None = None, charge_gates: bool = True) -> dict[str, float]:
+        stats = SkipStats()
+        logp = self._logp(SkipPlan(budget=budget, skip_bos=skip_bos, stats=stats))
+        kl = (self.base_logp.exp() * (self.base_logp - logp)).sum(-1)[self.valid].mean()
+        target = self.ids[:, 1:]
+        nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0][self.valid[:, 1:]].mean()
+        report = flop_report(stats, self.dims, self.model.gate_bank.config if charge_gates else None)
+        return {"net_saving": report.net_saving, "skip_fraction": report.paper_fraction,
+                "loss": float(nll), "kl": float(kl)}
+
+
+def interpolate(points: list[dict], saving: float, field: str) -> float | None:
+    """A curve's value at a net saving, linear between the measured points around it (None outside them)."""
+    pts = sorted(points, key=lambda p: p["net_saving"])
+    for a, b in zip(pts, pts[1:]):
+        if a["net_saving"] - 1e-9 <= saving <= b["net_saving"] + 1e-9:
+            span = b["net_saving"] - a["net_saving"]
+            w = 0.0 if span <= 0 else (saving - a["net_saving"]) / span
+            return a[field] + w * (b[field] - a[field])
+    return None
+
+
+def run_proxy(model, gate_files: Sequence[Path], blocks: tuple[torch.Tensor, torch.Tensor],
+              search: tuple[torch.Tensor, torch.Tensor], methods: Sequence[str], load: Callable) -> dict[str, list[dict]]:
+    """{curve name: measured points}; `load(path)` puts a gate file's gates on the model."""
+    curves: dict[str, list[dict]] = {}
+    layers = model.config.num_hidden_layers
+    load(gate_files[0])
+    scorer = Scorer(model, *blocks)
+    curves["base"] = [dict(scorer.point(None, charge_gates=False), net_saving=0.0)]
+    for name in (m for m in methods if m in ("shortgpt", "random")):
+        method = make_method(name, model, sample=search)
+        grid = [n / layers for n in range(1, math.ceil(0.45 * layers))] if name == "shortgpt" else EQUAL_RATIOS
+        points = [curves["base"][0]]
+        for ratio in tqdm(grid, desc=name, leave=False):
+            plan, _, _ = method.plans(ratio, None)
+            with method.attached(model):
+                points.append(scorer.point(plan.budget, skip_bos=plan.skip_bos, charge_gates=False))
+        curves[name] = points
+    for path in gate_files:
+        load(path)
+        label = Path(path).name if Path(path).suffix != ".safetensors" else Path(path).parent.name
+        stored = sorted(model.gate_bank.allocations, key=float)
+        if "gateskip" in methods and stored:
+            curves[f"{label}"] = [scorer.point(allocation_budget(model, float(t)))
+                                  for t in tqdm(["0", *stored], desc=label, leave=False)]
+        if "equal" in methods or ("gateskip" in methods and not stored):
+            curves[f"{label} (equal share)"] = [scorer.point(r) for r in tqdm((0.0, *EQUAL_RATIOS), desc=label, leave=False)]
+    return curves
+
+
+def table(curves: dict[str, list[dict]], targets: Sequence[float], field: str) -> str:
+    """Markdown table: each curve's `field` at each net saving."""
+    head = "| method | " + " | ".join(f"{100 * t:g} %" for t in targets) + " |"
+    rows = [head, "|---|" + "---|" * len(targets)]
+    base = curves["base"][0][field]
+    rows.append(f"| base (nothing skipped) | " + " | ".join(f"{base:.3f}" if i == 0 else "" for i, _ in enumerate(targets)) + " |")
+    for name, points in curves.items():
+        if name == "base":
+            continue
+        cells = [interpolate(points, t, field) for t in targets]
+        rows.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, field in zip(axes, ("loss", "kl")):
+        for name, points in curves.items():
+            pts = sorted(points, key=lambda p: p["net_saving"])
+            ax.plot([100 * p["net_saving"] for p in pts], [p[field] for p in pts], marker="o", label=name)
+        ax.set_xlabel("net FLOP saving, decoder layers, gates included (%)")
+        ax.set_ylabel("LM loss (nats)" if field == "loss" else "KL to the base (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# CLI ---------------------------------------------------------------------------------
+
+METHODS = ("gateskip", "equal", "shortgpt", "random")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("proxy", help="LM loss and KL on held-out text against net FLOPs saved, gates vs baselines")
+    p.add_argument("model", help="bundled model name, local folder or hub id")
+    p.add_argument("--gates", action="append", required=True, help="gate file or folder (repeat to compare variants)")
+    p.add_argument("--text", required=True, help="held-out text no gate trained or searched on (.txt/.jsonl/dataset folder)")
+    p.add_argument("--search-text", default="bundled", help="text ShortGPT ranks layers on (as `gateskip allocate --text`)")
+    p.add_argument("--blocks", type=int, default=8, help="held-out blocks")
+    p.add_argument("--length", type=int, default=256, help="tokens per block")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="net savings the table compares at")
+    p.add_argument("--out", type=Path, help="folder for proxy.json, proxy.md and proxy.png")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loading import load_model
+    from .model import load_gates
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise GateSkipError(f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(METHODS)}")
+    if args.blocks < 1 or args.length < 2:
+        raise GateSkipError("--blocks must be at least 1 and --length at least 2")
+    for path in args.gates:
+        if not Path(path).exists():
+            raise GateSkipError(f"no gate file at {path}")
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(args.model)
+    blocks = sample_tokens(tokenizer, args.text, args.blocks, args.length)
+    search = sample_tokens(tokenizer, args.search_text, 4, args.length)
+    curves = run_proxy(model, args.gates, blocks, search, methods, lambda p: load_gates(model, p))
+    text = (f"{len(blocks[0])} held-out blocks x {args.length} tokens of {args.text}; physical execution; "
+            f"net FLOP saving of the decoder layers, gates included\n\n"
+            f"LM loss (nats)\n\n{table(curves, args.targets, 'loss')}\n\n"
+            f"KL to the base (nats)\n\n{table(curves, args.targets, 'kl')}\n")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "proxy.json").write_text(json.dumps(curves, indent=1))
+        (args.out / "proxy.md").write_text(text)
+        print(f"plot: {plot(curves, args.out / 'proxy.png')}")
+    return 0
