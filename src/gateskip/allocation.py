@@ -6,7 +6,8 @@ a greedy search that, step by step, raises the one module's skip ratio (to its n
 or straight to 1, removing it) that costs the least KL divergence to the base model per
 FLOP saved, measured on sample text under everything chosen so far. Steps are evaluated
 lazily (a candidate's last measurement ranks it until it is re-measured at the top), so a
-step costs a few forwards instead of one per module. ShortGPT's layer removal and
+step costs a few forwards instead of one per module; the first look measures only the
+removal of each module. ShortGPT's layer removal and
 attention-only removal are points of this search space.
 
 The search path is nested: the allocation for 10 % is a prefix of the one for 25 %. Each
@@ -143,15 +144,15 @@ def search(
         evaluations += 1
         return (kl - current_kl) / gain, kl
 
+    # First look: what removing each module costs. Its partial steps start ranked the same and
+    # are measured when they reach the top.
     heap: list[tuple[float, int, str, float, float]] = []  # (score, step measured, key, ratio, kl)
-    bar = tqdm(total=len(keys) * 2, desc="allocation: first look at every module", unit="forward", leave=False)
-    for key in keys:
-        for r in moves(key):
-            m = measure(key, r)
-            bar.update()
-            if m is not None:
-                heapq.heappush(heap, (m[0], step, key, r, m[1]))
-    bar.close()
+    for key in tqdm(keys, desc="allocation: removing each module", unit="module", leave=False):
+        m = measure(key, 1.0)
+        if m is not None:
+            heapq.heappush(heap, (m[0], step, key, 1.0, m[1]))
+            for r in moves(key)[:-1]:
+                heapq.heappush(heap, (m[0], -1, key, r, math.nan))
     bar = tqdm(total=round(100 * targets[-1]), desc="allocation", unit="% saved")
     pending = [t for t in targets if t > 0]
     while pending and heap:

@@ -194,8 +194,11 @@ def build_model(cfg: TrainConfig):
     base_copy = None
     if cfg.mode == "full" and cfg.distill_weight > 0:
         base_copy = copy.deepcopy(model).requires_grad_(False).eval()
+    # Influence targets are percentiles in [0, 1]: gates start in the middle, where the sigmoid
+    # has a gradient, not almost open (a unit gate's start changes no output either way).
+    bias = 0.0 if cfg.objective == "influence" else GateConfig.init_bias
     add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token,
-                                application=cfg.gate_application))
+                                application=cfg.gate_application, init_bias=bias))
     if cfg.mode == "frozen":
         model.requires_grad_(False)
     elif cfg.mode == "lora":
