@@ -79,3 +79,18 @@ def test_bad_ratios_are_rejected(bad):
 def test_bad_scope_is_rejected():
     with pytest.raises(GateSkipError, match="scope"):
         QuantileBudget(0.5, scope="everything")
+
+
+def test_budgets_say_which_modules_are_fixed_before_any_gate_runs():
+    import math
+
+    from gateskip import AllocationBudget, ThresholdBudget
+
+    assert QuantileBudget(0.0).fixed("mlp.0") is True and QuantileBudget(1.0).fixed("mlp.0") is False
+    assert QuantileBudget(0.3).fixed("mlp.0") is None
+    t = ThresholdBudget({"mlp.0": -math.inf, "mlp.1": math.inf, "mlp.2": 0.5})
+    assert [t.fixed(f"mlp.{i}") for i in range(4)] == [True, False, None, None]
+    a = AllocationBudget({"mlp.1": 1.0, "mlp.2": 0.5}, 0.1)
+    assert [a.fixed(f"mlp.{i}") for i in range(3)] == [True, False, None]
+    assert a.kept_counts([10, 4], [0, 1], "mlp.2") == [5, 2] and a.known_ahead
+    assert not AllocationBudget({}, 0.1, thresholds={}).known_ahead

@@ -4,7 +4,8 @@ Every method runs through the same gated forward, physical execution and FLOP
 accounting, so the curves are comparable:
 
 - gateskip: the model's own gates rank tokens (per-sequence quantile; calibrated
-  thresholds for decoding when the gate file has them).
+  thresholds for decoding when the gate file has them). When the gate file stores
+  allocations, a budget is a net-saving target and each module skips its allocated share.
 - base: the ungated model (gates not applied, nothing skipped): the reference accuracy.
 - random: the same number of tokens per module skipped, chosen at random: what the
   gates' ranking is worth.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .allocation import allocation_budget
 from .budget import QuantileBudget, ThresholdBudget
 from .calibrate import ratio_key
 from .config import GateConfig
@@ -229,6 +231,10 @@ class Method:
             self.watch.threshold = exit_threshold(self.sample_cos, budget)
             plan = SkipPlan(budget=ExitBudget({}, budget, watch=self.watch), stats=stats)
             return plan, plan, f"exit at saturation cos >= {self.watch.threshold:.4f}, in decode steps too"
+        if self.bank.allocations:  # the budget is a net-saving target, split by the stored allocation
+            score = SkipPlan(budget=allocation_budget(self.bank, budget), stats=stats)
+            decode = SkipPlan(budget=allocation_budget(self.bank, budget, decoding=True), stats=stats)
+            return score, decode, "allocation: per-module quantiles in scoring, calibrated thresholds in decoding"
         score = SkipPlan(budget=budget, stats=stats)
         if budget == 0:  # gates applied, nothing skipped, in prefill and decoding alike
             return score, score, ""

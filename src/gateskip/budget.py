@@ -81,7 +81,10 @@ class ThresholdBudget:
 
     thresholds: Mapping[str, float] = field(default_factory=dict)
     ratio: float | None = None  # the target ratio the thresholds were calibrated for (a label)
-    known_ahead = False
+
+    @property
+    def known_ahead(self) -> bool:
+        return False
 
     def fixed(self, key: str) -> bool | None:
         t = self.thresholds.get(key)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from .budget import ThresholdBudget
+from .allocation import allocation_budget
+from .budget import AllocationBudget, ThresholdBudget
 from .calibrate import threshold_budget
 from .errors import GateSkipError
 from .flops import FlopReport, ModelDims, flop_report
@@ -24,8 +25,9 @@ from .plan import SkipPlan
 from .stats import SkipStats
 
 
-def decode_budget(model, budget: float | ThresholdBudget | None) -> ThresholdBudget | None:
-    """A budget that works one token at a time: a calibrated ratio or a ThresholdBudget.
+def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | None) -> ThresholdBudget | AllocationBudget | None:
+    """A budget that works one token at a time: a calibrated ratio (a net-saving target when the
+    gates store allocations), a ThresholdBudget, or an AllocationBudget with thresholds.
 
     Quantile budgets rank the tokens of one call, so they never skip a single decoded token.
     """
@@ -33,7 +35,11 @@ def decode_budget(model, budget: float | ThresholdBudget | None) -> ThresholdBud
         raise GateSkipError("skipping needs a model with gates (add_gates or load_gates first)")
     if budget is None or isinstance(budget, ThresholdBudget):
         return budget
+    if isinstance(budget, AllocationBudget) and budget.thresholds is not None:
+        return budget
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if model.gate_bank.allocations:
+            return allocation_budget(model, budget, decoding=True)
         return threshold_budget(model, budget)
     raise GateSkipError(f"decoding needs a calibrated ratio or a ThresholdBudget, got {budget!r} (quantile budgets do not skip single tokens)")
 
@@ -121,7 +127,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream text from a gated model at a skip budget")
     p.add_argument("model", help="bundled model name, local folder or hub id")
     p.add_argument("--gates", required=True, help="gate file or folder (with calibrated thresholds)")
-    p.add_argument("--budget", type=float, default=0.0, help="calibrated target skip ratio (0 = no skipping)")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="calibrated target skip ratio, or the net FLOP saving when the gates store allocations (0 = no skipping)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
