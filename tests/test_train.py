@@ -119,10 +119,26 @@ def test_lora_mode_changes_only_gates_and_adapters(assets, tmp_path):
     assert all(torch.equal(backbone[n], t) for n, t in original.items())
     gate_biases = [t for n, t in trained.items() if "gate_bank." in n and n.endswith("up.bias")]
     assert gate_biases and all(not torch.allclose(b, torch.full_like(b, 5.0)) for b in gate_biases)
-    # The export merges the adapters: a plain HF folder plus gates, which the core loads.
-    model, _ = load_model(str(final))
+    # The export is the adapter in PEFT's format beside the gates (no copy of the model);
+    # load_gates on the base merges it, and the result computes what the trained model did.
+    names = {p.name for p in final.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "gateskip.safetensors"} <= names
+    assert not any(n.startswith("model") for n in names)  # no copy of the backbone
+    model, _ = load_model(assets["model"])
     load_gates(model, final)
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    merged = {n: t for n, t in model.state_dict().items() if "gate_bank." not in n}
+    for name, tensor in merged.items():
+        a = trained[f"base_model.model.{name.replace('.weight', '.base_layer.weight')}"] if "proj" in name else None
+        if a is not None and f"base_model.model.{name.replace('.weight', '.lora_A.default.weight')}" in trained:
+            lora_a = trained[f"base_model.model.{name.replace('.weight', '.lora_A.default.weight')}"]
+            lora_b = trained[f"base_model.model.{name.replace('.weight', '.lora_B.default.weight')}"]
+            assert torch.allclose(tensor, a + 2.0 * lora_b @ lora_a, atol=1e-6), name  # alpha / r = 2
+    load_gates(model, final)  # the same adapter again: not merged twice
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, merged["model.layers.0.self_attn.q_proj.weight"])
+    other = train(config(assets, tmp_path / "frozen", mode="frozen", steps=1))
+    with pytest.raises(GateSkipError, match="load the base model again"):
+        load_gates(model, other)
 
 
 def _fail_at(monkeypatch, at_step: int, error: type[BaseException]):

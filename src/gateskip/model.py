@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapters import check_adapter, merge_adapter
 from .config import GateConfig
 from .errors import GateSkipError
 from .gates import GateBank
@@ -167,7 +168,8 @@ def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
 
 def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:
     """Rebuild the gates saved by save_gates on `model` (its base). Everything is checked before
-    the model is touched, so a file that does not fit leaves the model as it was."""
+    the model is touched, so a file that does not fit leaves the model as it was. A PEFT adapter
+    beside the gate file (a LoRA run's export) is merged into the backbone first (gateskip.adapters)."""
     meta, tensors = read_gate_file(path)
     check_supported(model)
     target, model_type = _gate_file(path), model.config.model_type
@@ -186,8 +188,11 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
     misfit = _first_misfit(GateBank(n_layers, width, config).state_dict(), tensors)
     if misfit:
         raise GateSkipError(f"gate file {target} does not fit this model: {misfit}")
+    adapter = check_adapter(model, target)
     if is_gated(model):
         remove_gates(model)
+    if adapter is not None:
+        merge_adapter(model, adapter)  # in place: the LoRA layers become plain merged linears
     add_gates(model, config)
     model.gate_bank.load_state_dict(tensors, strict=True)
     model.gate_bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}

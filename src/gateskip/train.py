@@ -333,19 +333,20 @@ def validate(accelerator: Accelerator, model, blocks: Blocks, cfg: TrainConfig) 
 
 def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder: Path, base_copy=None) -> Path:
     """Write what gateskip loads: gateskip.safetensors, plus the backbone as an HF folder when it
-    was trained (LoRA adapters merged into it). Frozen mode writes the gates only: load them
-    onto the original model."""
+    was fine-tuned in full, or the LoRA adapter in PEFT's format. Frozen and LoRA exports load
+    onto the original model (`load_gates` merges an adapter it finds beside the gates)."""
     state = accelerator.get_state_dict(model)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
         if accelerator.distributed_type == DistributedType.FSDP:  # the live module holds shards only
             trained, _, _ = build_model(dataclasses.replace(cfg, distill_weight=0.0))
             trained.load_state_dict(state)
-        if cfg.mode == "lora":
-            trained = trained.merge_and_unload()
         folder.mkdir(parents=True, exist_ok=True)
+        if cfg.mode == "lora":  # the adapter in PEFT's format beside the gates; load_gates merges it
+            trained.save_pretrained(folder)
+            trained = trained.get_base_model()
         save_gates(trained, folder)
-        if cfg.mode != "frozen":
+        if cfg.mode == "full":
             backbone = {k: v for k, v in trained.state_dict().items() if not k.startswith("gate_bank.")}
             trained.save_pretrained(folder, state_dict=backbone)
             tokenizer.save_pretrained(folder)
