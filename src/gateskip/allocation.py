@@ -190,15 +190,17 @@ def store(bank: GateBank, found: dict[str, dict]) -> None:
     bank.allocations.update(found)
 
 
-def allocation_budget(model, target: float, decoding: bool = False) -> AllocationBudget:
+def allocation_budget(gates, target: float, decoding: bool = False) -> AllocationBudget:
     """The stored allocation for a net-saving target as a budget: per-module quantiles for
-    scoring and prefill, or the calibrated per-module thresholds for cached decoding."""
+    scoring and prefill, or the calibrated per-module thresholds for cached decoding.
+    `gates` is a gated model or its GateBank."""
     target = check_ratio(target)
-    if not is_gated(model):
+    bank = gates if isinstance(gates, GateBank) else getattr(gates, "gate_bank", None)
+    if bank is None:
         raise GateSkipError("an allocation budget needs a model with gates")
     if target == 0.0:
         return AllocationBudget({}, 0.0, {} if decoding else None)
-    stored = model.gate_bank.allocations
+    stored = bank.allocations
     key = ratio_key(target)
     if key not in stored:
         have = ", ".join(sorted(stored, key=float)) or "none"
