@@ -11,6 +11,11 @@ and baselines are ranked in minutes before any task is scored:
 - equal: the same gates with the paper's equal share per module (per-sequence quantile);
 - shortgpt: 1, 2, ... whole layers removed by Block Influence (on the search text);
 - random: equal share per module, tokens chosen at random.
+
+With `--agreement N` it also measures decoding quality: the base greedily continues N
+held-out prompts, and each method reads prompt + continuation teacher-forced (gates under
+their calibrated decoding thresholds, causal token by token as in cached decoding); the
+figure is the share of continuation tokens whose argmax is the base's token.
 """
 
 from __future__ import annotations
@@ -35,13 +40,16 @@ from .stats import SkipStats
 
 EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 TARGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+PROMPT_TOKENS, CONTINUATION_TOKENS = 32, 32
 
 
 class Scorer:
     """Loss and KL to the base of one set of held-out blocks under any skip plan."""
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, continuations: list[torch.Tensor] | None = None,
+                 prompt_length: int = 0):
         self.model, self.ids, self.mask = model, ids, mask
+        self.continuations, self.prompt_length = continuations, prompt_length
         self.valid = mask.bool()
         self.dims = ModelDims.from_config(model.config)
         self.base_logp = self._logp(SkipPlan(apply_gates=False))
@@ -51,15 +59,44 @@ class Scorer:
             logits = self.model(self.ids, attention_mask=self.mask, skip_plan=plan).logits.float()
         return F.log_softmax(logits, dim=-1)
 
-    def point(self, budget, skip_bos: bool | None = None, charge_gates: bool = True) -> dict[str, float]:
+    def point(self, budget, skip_bos: bool | None = None, charge_gates: bool = True, decode=None) -> dict[str, float]:
+        """Loss, KL and savings under `budget`; with continuations, also the agreement under
+        `decode` (the method's decoding budget; `budget` itself when it has none)."""
         stats = SkipStats()
         logp = self._logp(SkipPlan(budget=budget, skip_bos=skip_bos, stats=stats))
         kl = (self.base_logp.exp() * (self.base_logp - logp)).sum(-1)[self.valid].mean()
         target = self.ids[:, 1:]
         nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0][self.valid[:, 1:]].mean()
         report = flop_report(stats, self.dims, self.model.gate_bank.config if charge_gates else None)
-        return {"net_saving": report.net_saving, "skip_fraction": report.paper_fraction,
-                "loss": float(nll), "kl": float(kl)}
+        found = {"net_saving": report.net_saving, "skip_fraction": report.paper_fraction,
+                 "loss": float(nll), "kl": float(kl)}
+        if self.continuations:
+            found["agreement"] = agreement(self.model, self.continuations, self.prompt_length,
+                                           budget if decode is None else decode, skip_bos)
+        return found
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
+    """The base model's greedy continuation of each prompt (ids (T,)), prompt included."""
+    out = []
+    for ids in prompts:
+        seq = model.generate(ids[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=0)
+        out.append(seq[0])
+    return out
+
+
+@torch.no_grad()
+def agreement(model, sequences: list[torch.Tensor], prompt_length: int, budget, skip_bos: bool | None = None) -> float:
+    """Share of continuation positions where the skipping model's argmax is the base's greedy token."""
+    hits = total = 0
+    for seq in sequences:
+        logits = model(seq[None], skip_plan=SkipPlan(budget=budget, skip_bos=skip_bos)).logits[0]
+        predicted = logits[prompt_length - 1:-1].argmax(-1)
+        hits += int((predicted == seq[prompt_length:]).sum())
+        total += len(seq) - prompt_length
+    return hits / total
 
 
 def interpolate(points: list[dict], saving: float, field: str) -> float | None:
@@ -74,12 +111,13 @@ def interpolate(points: list[dict], saving: float, field: str) -> float | None:
 
 
 def run_proxy(model, gate_files: Sequence[Path], blocks: tuple[torch.Tensor, torch.Tensor],
-              search: tuple[torch.Tensor, torch.Tensor], methods: Sequence[str], load: Callable) -> dict[str, list[dict]]:
+              search: tuple[torch.Tensor, torch.Tensor], methods: Sequence[str], load: Callable,
+              continuations: list[torch.Tensor] | None = None, prompt_length: int = 0) -> dict[str, list[dict]]:
     """{curve name: measured points}; `load(path)` puts a gate file's gates on the model."""
     curves: dict[str, list[dict]] = {}
     layers = model.config.num_hidden_layers
     load(gate_files[0])
-    scorer = Scorer(model, *blocks)
+    scorer = Scorer(model, *blocks, continuations, prompt_length)
     curves["base"] = [dict(scorer.point(None, charge_gates=False), net_saving=0.0)]
     for name in (m for m in methods if m in ("shortgpt", "random")):
         method = make_method(name, model, sample=search)
@@ -95,7 +133,8 @@ def run_proxy(model, gate_files: Sequence[Path], blocks: tuple[torch.Tensor, tor
         label = Path(path).name if Path(path).suffix != ".safetensors" else Path(path).parent.name
         stored = sorted(model.gate_bank.allocations, key=float)
         if "gateskip" in methods and stored:
-            curves[f"{label}"] = [scorer.point(allocation_budget(model, float(t)))
+            curves[f"{label}"] = [scorer.point(allocation_budget(model, float(t)),
+                                               decode=allocation_budget(model, float(t), decoding=True))
                                   for t in tqdm(["0", *stored], desc=label, leave=False)]
         if "equal" in methods or ("gateskip" in methods and not stored):
             curves[f"{label} (equal share)"] = [scorer.point(r) for r in tqdm((0.0, *EQUAL_RATIOS), desc=label, leave=False)]
@@ -152,6 +191,8 @@ def register(subparsers) -> None:
     p.add_argument("--length", type=int, default=256, help="tokens per block")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="net savings the table compares at")
+    p.add_argument("--agreement", type=int, default=0, metavar="N",
+                   help="also measure next-token agreement with the base on its greedy continuations of N held-out prompts")
     p.add_argument("--out", type=Path, help="folder for proxy.json, proxy.md and proxy.png")
     p.set_defaults(func=run)
 
@@ -164,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise GateSkipError(f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(METHODS)}")
-    if args.blocks < 1 or args.length < 2:
-        raise GateSkipError("--blocks must be at least 1 and --length at least 2")
+    if args.blocks < 1 or args.length < 2 or args.agreement < 0:
+        raise GateSkipError("--blocks must be at least 1, --length at least 2 and --agreement not negative")
     for path in args.gates:
         if not Path(path).exists():
             raise GateSkipError(f"no gate file at {path}")
@@ -173,11 +214,21 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     blocks = sample_tokens(tokenizer, args.text, args.blocks, args.length)
     search = sample_tokens(tokenizer, args.search_text, 4, args.length)
-    curves = run_proxy(model, args.gates, blocks, search, methods, lambda p: load_gates(model, p))
+    continuations = None
+    if args.agreement:
+        after = args.blocks * args.length // PROMPT_TOKENS  # prompts come from the text after the proxy's blocks
+        prompts = sample_tokens(tokenizer, args.text, after + args.agreement, PROMPT_TOKENS)[0][after:]
+        continuations = greedy_continuations(model, list(prompts), CONTINUATION_TOKENS)
+    curves = run_proxy(model, args.gates, blocks, search, methods, lambda p: load_gates(model, p), continuations,
+                       PROMPT_TOKENS)
     text = (f"{len(blocks[0])} held-out blocks x {args.length} tokens of {args.text}; physical execution; "
             f"net FLOP saving of the decoder layers, gates included\n\n"
             f"LM loss (nats)\n\n{table(curves, args.targets, 'loss')}\n\n"
             f"KL to the base (nats)\n\n{table(curves, args.targets, 'kl')}\n")
+    if args.agreement:
+        text += (f"\nNext-token agreement with the base on its greedy continuations ({args.agreement} held-out prompts "
+                 f"of {PROMPT_TOKENS} tokens, {CONTINUATION_TOKENS} new tokens each; gates under their decoding "
+                 f"thresholds)\n\n{table(curves, args.targets, 'agreement')}\n")
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
