@@ -260,6 +260,8 @@ def register(subparsers) -> None:
     p.add_argument("--text", default="bundled", help="search text no evaluation uses: 'bundled', .txt/.jsonl file or dataset folder")
     p.add_argument("--sequences", type=int, default=2, help="search blocks")
     p.add_argument("--length", type=int, default=256, help="tokens per search block")
+    p.add_argument("--levels", type=float, nargs="+", default=list(LEVELS),
+                   help="skip ratios a module steps through (1 = removed); fewer levels, fewer forwards")
     p.add_argument("--show", action="store_true", help="print the stored allocations instead of searching")
     p.add_argument("--plot", type=Path, help="write a plot of the allocations per module to this PNG")
     p.set_defaults(func=run)
@@ -271,8 +273,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.show and not args.targets:
         raise GateSkipError("give --targets to search, or --show to print the stored allocations")
-    for t in args.targets or []:
+    for t in [*(args.targets or []), *args.levels]:
         check_ratio(t)
+    if 1.0 not in args.levels or 0.0 in args.levels:
+        raise GateSkipError("--levels must include 1 (removal) and not 0")
     if args.sequences < 1 or args.length < 2:
         raise GateSkipError("--sequences must be at least 1 and --length at least 2")
     model, tokenizer = load_model(args.model)
@@ -280,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     bank = model.gate_bank
     if not args.show:
         samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
-        found = search(model, samples, args.targets, progress=lambda line: tqdm.write(line))
+        found = search(model, samples, args.targets, sorted(args.levels), progress=lambda line: tqdm.write(line))
         store(bank, found)
         calibrate_allocation(model, samples, bank.allocations)
         path = save_gates(model, args.gates)
