@@ -121,7 +121,7 @@ def run_proxy(model, gate_files: Sequence[Path], blocks: tuple[torch.Tensor, tor
     curves["base"] = [dict(scorer.point(None, charge_gates=False), net_saving=0.0)]
     for name in (m for m in methods if m in ("shortgpt", "random")):
         method = make_method(name, model, sample=search)
-        grid = [n / layers for n in range(1, math.ceil(0.45 * layers))] if name == "shortgpt" else EQUAL_RATIOS
+        grid = [n / layers for n in range(1, math.ceil(0.35 * layers) + 1)] if name == "shortgpt" else EQUAL_RATIOS
         points = [curves["base"][0]]
         for ratio in tqdm(grid, desc=name, leave=False):
             plan, _, _ = method.plans(ratio, None)
