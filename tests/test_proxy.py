@@ -30,12 +30,13 @@ def test_proxy_compares_gates_and_baselines_on_the_same_blocks(tmp_path):
     continuations = greedy_continuations(model, [held[0][0, :8], held[0][1, :8]], 6)
     curves = run_proxy(model, [tmp_path / "unit"], held, text, ["gateskip", "equal", "shortgpt", "random"],
                        lambda p: load_gates(model, p), continuations, 8)
-    assert set(curves) == {"base", "shortgpt", "random", "unit", "unit (equal share)"}
+    unit = str(tmp_path / "unit")
+    assert set(curves) == {"base", "shortgpt", "random", unit, f"{unit} (equal share)"}
     assert curves["base"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert curves["unit"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # unit gates at 0: the base
-    assert [round(p["net_saving"], 2) for p in curves["unit"][1:]] == pytest.approx([0.1, 0.2], abs=0.02)
+    assert curves[unit][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # unit gates at 0: the base
+    assert [round(p["net_saving"], 2) for p in curves[unit][1:]] == pytest.approx([0.1, 0.2], abs=0.02)
     assert all(p["kl"] > 0 for p in curves["shortgpt"][1:])
-    assert curves["base"][0]["agreement"] == curves["unit"][0]["agreement"] == 1.0
+    assert curves["base"][0]["agreement"] == curves[unit][0]["agreement"] == 1.0
     assert all(0 <= p["agreement"] <= 1 for c in curves.values() for p in c)
     md = table(curves, [0.1, 0.2], "kl")
-    assert "| shortgpt |" in md and "| unit |" in md
+    assert "| shortgpt |" in md and f"| {unit} |" in md

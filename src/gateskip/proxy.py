@@ -130,7 +130,7 @@ def run_proxy(model, gate_files: Sequence[Path], blocks: tuple[torch.Tensor, tor
         curves[name] = points
     for path in gate_files:
         load(path)
-        label = Path(path).name if Path(path).suffix != ".safetensors" else Path(path).parent.name
+        label = str(Path(path).parent if Path(path).suffix == ".safetensors" else Path(path))  # the path: names repeat
         stored = sorted(model.gate_bank.allocations, key=float)
         if "gateskip" in methods and stored:
             curves[f"{label}"] = [scorer.point(allocation_budget(model, float(t)),
