@@ -286,10 +286,14 @@ def budget_zero(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
             "tokens": int(mask.sum()), "application": model.gate_bank.config.application}
 
 
-def _relabel(curves: dict[str, list[dict]], file: Path, label: str) -> dict[str, list[dict]]:
-    """run_proxy names a gate file's curves after its folder; name them after their role here."""
-    folder = file.parent.name
-    return {label + name[len(folder):] if name.startswith(folder) else name: pts for name, pts in curves.items()}
+EQUAL_SHARE = " (equal share)"
+
+
+def _relabel(curves: dict[str, list[dict]], label: str) -> dict[str, list[dict]]:
+    """run_proxy names the curves of its (here: one) gate file after the file; name them after their role."""
+    baselines = ("base", "shortgpt", "random")
+    return {name if name in baselines else label + (EQUAL_SHARE if name.endswith(EQUAL_SHARE) else ""): pts
+            for name, pts in curves.items()}
 
 
 def stage_proxy(job: Job, model, tokenizer, gates: Path, heldout: Path, search_blocks) -> dict:
@@ -309,7 +313,7 @@ def stage_proxy(job: Job, model, tokenizer, gates: Path, heldout: Path, search_b
         continuations = greedy_continuations(model, list(prompts), CONTINUATION_TOKENS)
         curves = run_proxy(model, [gates], blocks, search_blocks, PROXY_METHODS, lambda p: load_gates(model, p),
                            continuations, PROMPT_TOKENS)
-        curves = _relabel(curves, gates, "gateskip")
+        curves = _relabel(curves, "gateskip")
         for target, point in zip([0.0, *sorted(map(float, model.gate_bank.allocations))], curves["gateskip"]):
             point["target"] = target  # run_proxy measures the stored targets in this order
         result = {"text": f"data/{heldout.name}", "blocks": len(blocks[0]), "length": s.proxy_length,
