@@ -104,9 +104,10 @@ def search_text(seed=0):
     return torch.randint(1, 101, (2, 48), generator=g), torch.ones(2, 48, dtype=torch.long)
 
 
+@pytest.mark.parametrize("protect", [False, True])
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.4])
-def test_an_allocation_meets_its_net_saving_target_within_one_point(target):
-    model = gated()
+def test_an_allocation_meets_its_net_saving_target_within_one_point(target, protect):
+    model = gated(config=GateConfig(kind="lowrank", rank=8, application="unit", skip_bos=not protect))
     sample = search_text()
     found = search(model, sample, [target], levels=(0.5, 1.0))
     ratios = found[f"{target:g}"]["ratios"]
@@ -128,7 +129,7 @@ def test_the_search_path_is_nested_and_kl_grows_with_the_target():
 
 def test_predicted_saving_charges_gates_only_for_partly_skipped_modules():
     model = gated()
-    costs, dense = module_costs(model.gate_bank, ModelDims.from_config(model.config), context=10.0)
+    costs, dense = module_costs(model.gate_bank, ModelDims.from_config(model.config), context=10.0, length=20.0)
     whole = predicted_saving({"mlp.0": 1.0}, costs, dense)
     half = predicted_saving({"mlp.0": 0.5}, costs, dense)
     assert half == pytest.approx(whole / 2 - costs["mlp.0"].gate / dense)

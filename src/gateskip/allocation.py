@@ -42,23 +42,31 @@ LEVELS = (0.25, 0.5, 0.75, 1.0)
 @dataclass(frozen=True)
 class ModuleCost:
     """FLOPs per token of one module at a reference context length: what skipping it saves
-    (per unit of skip ratio), what removing it saves on top (keys and values), what its gate costs."""
+    (per unit of skip ratio), what removing it saves on top (keys and values), what its gate
+    costs, and the share of tokens that run it even at ratio 1 (a protected first token)."""
 
     skip: float
     removal_extra: float
     gate: float
+    protected: float = 0.0
 
     def saving(self, ratio: float) -> float:
         partial = 0.0 < ratio < 1.0
-        return ratio * self.skip + (ratio == 1.0) * self.removal_extra - partial * self.gate
+        if ratio == 1.0:
+            return (1.0 - self.protected) * self.skip + self.removal_extra
+        return ratio * self.skip - partial * self.gate
 
 
-def module_costs(bank: GateBank, dims: ModelDims, context: float) -> tuple[dict[str, ModuleCost], float]:
-    """Per-module costs and the ungated model's decoder-layer FLOPs per token, for queries that
-    see `context` keys on average (attention scores grow with context; gateskip.flops)."""
+def module_costs(bank: GateBank, dims: ModelDims, context: float, length: float) -> tuple[dict[str, ModuleCost], float]:
+    """Per-module costs and the ungated model's decoder-layer FLOPs per token, for sequences of
+    `length` tokens whose queries see `context` keys on average (attention scores grow with
+    context; gateskip.flops). With the first token protected it still runs a removed module,
+    which then computes keys and values for every token too."""
     gate = gate_flops_per_token(bank.config, dims.hidden)
-    attn = ModuleCost(dims.attn_skippable_per_token + context * dims.attn_per_context, dims.attn_kv_per_token, gate)
-    mlp = ModuleCost(dims.mlp_per_token, 0.0, gate)
+    protected = 0.0 if bank.config.skip_bos else 1.0 / length
+    kv = dims.attn_kv_per_token if bank.config.skip_bos else 0.0
+    attn = ModuleCost(dims.attn_skippable_per_token + context * dims.attn_per_context, kv, gate, protected)
+    mlp = ModuleCost(dims.mlp_per_token, 0.0, gate, protected)
     dense = dims.layers * (dims.attn_skippable_per_token + dims.attn_kv_per_token + dims.mlp_per_token
                            + context * dims.attn_per_context)
     return {k: attn if k.startswith("attn.") else mlp for k in bank.module_keys()}, dense
@@ -113,7 +121,7 @@ def search(
     bank = model.gate_bank
     keys = bank.module_keys()
     context = float((mask.cumsum(1) * mask).sum() / mask.sum())
-    costs, dense = module_costs(bank, ModelDims.from_config(model.config), context)
+    costs, dense = module_costs(bank, ModelDims.from_config(model.config), context, float(mask.sum(1).float().mean()))
     most = predicted_saving(dict.fromkeys(keys, 1.0), costs, dense)
     if targets[-1] >= most:
         raise GateSkipError(f"target {targets[-1]:g} is beyond what this model allows: removing every gated module "

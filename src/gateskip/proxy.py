@@ -15,7 +15,8 @@ and baselines are ranked in minutes before any task is scored:
 With `--agreement N` it also measures decoding quality: the base greedily continues N
 held-out prompts, and each method reads prompt + continuation teacher-forced (gates under
 their calibrated decoding thresholds, causal token by token as in cached decoding); the
-figure is the share of continuation tokens whose argmax is the base's token.
+figure is the share of continuation positions whose argmax is the base's (read the same
+way, so the base scores exactly 1).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Scorer:
                  prompt_length: int = 0):
         self.model, self.ids, self.mask = model, ids, mask
         self.continuations, self.prompt_length = continuations, prompt_length
+        # The base read teacher-forced, as every method is: numerics of cached generation aside,
+        # these are its greedy tokens, and the base agrees with itself exactly.
+        self.reference = next_tokens(model, continuations, prompt_length, SkipPlan(apply_gates=False)) if continuations else None
         self.valid = mask.bool()
         self.dims = ModelDims.from_config(model.config)
         self.base_logp = self._logp(SkipPlan(apply_gates=False))
@@ -71,8 +75,9 @@ class Scorer:
         found = {"net_saving": report.net_saving, "skip_fraction": report.paper_fraction,
                  "loss": float(nll), "kl": float(kl)}
         if self.continuations:
-            found["agreement"] = agreement(self.model, self.continuations, self.prompt_length,
-                                           budget if decode is None else decode, skip_bos)
+            plan = SkipPlan(budget=budget if decode is None else decode, skip_bos=skip_bos)
+            found["agreement"] = agreement(next_tokens(self.model, self.continuations, self.prompt_length, plan),
+                                           self.reference)
         return found
 
 
@@ -88,15 +93,15 @@ def greedy_continuations(model, prompts: list[torch.Tensor], new_tokens: int) ->
 
 
 @torch.no_grad()
-def agreement(model, sequences: list[torch.Tensor], prompt_length: int, budget, skip_bos: bool | None = None) -> float:
-    """Share of continuation positions where the skipping model's argmax is the base's greedy token."""
-    hits = total = 0
-    for seq in sequences:
-        logits = model(seq[None], skip_plan=SkipPlan(budget=budget, skip_bos=skip_bos)).logits[0]
-        predicted = logits[prompt_length - 1:-1].argmax(-1)
-        hits += int((predicted == seq[prompt_length:]).sum())
-        total += len(seq) - prompt_length
-    return hits / total
+def next_tokens(model, sequences: list[torch.Tensor], prompt_length: int, plan: SkipPlan) -> list[torch.Tensor]:
+    """Teacher-forced argmax at every continuation position of each sequence, under a plan."""
+    return [model(seq[None], skip_plan=plan).logits[0, prompt_length - 1:-1].argmax(-1) for seq in sequences]
+
+
+def agreement(predicted: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Share of continuation positions where the skipping model's argmax is the base's."""
+    hits = sum(int((p == r).sum()) for p, r in zip(predicted, reference))
+    return hits / sum(len(r) for r in reference)
 
 
 def interpolate(points: list[dict], saving: float, field: str) -> float | None:
