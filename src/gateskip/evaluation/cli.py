@@ -13,7 +13,8 @@ from ..calibrate import calibrate
 from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
 from ..model import add_gates, load_gates, remove_gates
-from .sweep import FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list, run_sweep, sample_texts
+from .sweep import (DEFAULT_BATCH_SIZE, FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list,
+                    run_sweep, sample_texts)
 
 DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
 
@@ -33,8 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--data", choices=("bundled", "hub"), default="bundled",
                    help="bundled: offline copies of the standard tasks; hub: lm-eval's own definitions")
     p.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAMLs")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="lm-eval batch size (1 = no padding; larger batches count right-padding as tokens)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"lm-eval batch size (default {DEFAULT_BATCH_SIZE}); padding is masked, so scores and "
+                        f"skip counts equal batch size 1's")
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation of the backbone (torchao)")
     p.add_argument("--num-fewshot", type=int, help="override the tasks' number of few-shot examples")
     p.add_argument("--sample-text", type=Path,

@@ -30,6 +30,7 @@ RESULTS = "results.json"
 TABLE = "results.md"
 FIGURE = "accuracy_vs_compute.png"
 SCHEMA_VERSION = 1
+DEFAULT_BATCH_SIZE = 8  # `gateskip eval`'s lm-eval batch size: see docs/evaluation.md, "Batch size"
 RECORD_KEYS = ("task", "method", "budget", "metric", "filter", "value", "stderr", "skip_fraction", "net_saving",
                "net_saving_with_head", "tokens", "decode", "seconds")
 
@@ -47,7 +48,7 @@ class SweepSettings:
     seed: int = 0
     calibrated: bool = False  # thresholds calibrated on the sample text before the sweep
     dtype: str = "float32"
-    batch_size: int = 1  # above 1, right-padding counts as tokens (see GatedLM)
+    batch_size: int = 1  # 1 in files written before this setting existed; scores equal batch 1's to round-off
     sample_text: str | None = None  # None: the bundled SQuAD passages
     router: str | None = None  # gate file of the MoD-style router (method mod)
 
