@@ -108,9 +108,9 @@ def interpolate(points: list[dict], saving: float, field: str) -> float | None:
     """A curve's value at a net saving, linear between the measured points around it (None outside them)."""
     pts = sorted(points, key=lambda p: p["net_saving"])
     for a, b in zip(pts, pts[1:]):
-        if a["net_saving"] - 1e-9 <= saving <= b["net_saving"] + 1e-9:
+        if a["net_saving"] - 1e-3 <= saving <= b["net_saving"] + 1e-3:  # measured savings land within round-off of a target
             span = b["net_saving"] - a["net_saving"]
-            w = 0.0 if span <= 0 else (saving - a["net_saving"]) / span
+            w = 0.0 if span <= 0 else min(max((saving - a["net_saving"]) / span, 0.0), 1.0)
             return a[field] + w * (b[field] - a[field])
     return None
 
