@@ -22,13 +22,18 @@ $G train smollm2-135m --data runs/data/gate_train.jsonl.gz --out runs/e2e-r16 --
   --max-minutes 30 --eval-blocks 8 --save-every 20 2>&1 | tee runs/logs/e2e-r16.log
 
 # 3. Allocations at net savings 5-30 %, searched on training text (never the held-out or task text).
-for run in infl-r16 e2e-r16; do
-  $G allocate smollm2-135m --gates runs/$run/final --targets 0.05 0.1 0.15 0.2 0.25 0.3 \
-    --text runs/data/gate_train.jsonl.gz --sequences 2 --length 256 --plot runs/$run/allocation.png \
-    2>&1 | tee runs/logs/allocate-$run.log
-done
+#    Only the shipped influence gates got one (11 minutes here); then they were copied to gates/.
+$G allocate smollm2-135m --gates runs/infl-r16/final --targets 0.05 0.1 0.15 0.2 0.25 0.3 \
+  --text runs/data/gate_train.jsonl.gz --sequences 2 --length 256 --levels 0.5 1.0 \
+  --plot runs/infl-r16/allocation.png 2>&1 | tee runs/logs/allocate-infl-r16-v2.log
+cp runs/infl-r16/final/gateskip.safetensors runs/infl-r16/allocation.png gates/smollm2-135m-unit/
 
-# 4. Proxy on held-out text: both variants, the round-2 soft gates (equal share), ShortGPT, random.
+# 4. Proxy on held-out text: the allocated gates, equal shares of all three gate sets, ShortGPT, random.
 $G proxy smollm2-135m --gates runs/infl-r16/final --gates runs/e2e-r16/final --gates gates/smollm2-135m-lowrank-qa \
-  --text runs/data/gate_heldout.jsonl.gz --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 \
-  --out docs/results/experiment-r3/proxy 2>&1 | tee runs/logs/proxy.log
+  --text runs/data/gate_heldout.jsonl.gz --search-text runs/data/gate_train.jsonl.gz --blocks 4 --length 256 \
+  --agreement 20 --out docs/results/experiment-r3/proxy 2>&1 | tee runs/logs/proxy-v2.log
+
+# 5. Tasks (100 items each; the sweep resumes its folder).
+HF_DATASETS_OFFLINE=1 $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks arc_easy,piqa,winogrande \
+  --budgets 0.1,0.2 --method gateskip,shortgpt,random --limit 100 --batch-size 8 --out runs/r3-eval \
+  2>&1 | tee runs/logs/r3-eval.log
