@@ -405,7 +405,7 @@ def train(cfg: TrainConfig) -> Path:
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
             log.write({"step": step, **metrics})
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
+            bar.set_postfix(loss=f"{metrics['loss' if cfg.objective == 'influence' else 'lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
                             gate=f"{metrics['mean_gate']:.3f}", skip=f"{metrics['skip_ratio']:.2f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             out_of_time = bool(cfg.max_minutes) and step < cfg.steps and _past(accelerator, deadline)
