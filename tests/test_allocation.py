@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import padded_batch, tiny_model
+from test_model import logits, scramble_gates
 from gateskip import AllocationBudget, GateConfig, GateSkipError, ModelDims, SkipPlan, SkipStats, add_gates, flop_report
 from gateskip.allocation import allocation_budget, module_costs, predicted_saving, search, store
 from gateskip.calibrate import calibrate_allocation
@@ -17,16 +18,8 @@ UNIT = GateConfig(kind="lowrank", rank=8, application="unit")
 
 def gated(family="llama", config=UNIT, seed=1):
     model = add_gates(tiny_model(family), config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.gate_bank.parameters():
-            p.normal_(0.0, 0.3)
+    scramble_gates(model, seed=seed)
     return model
-
-
-def logits(model, ids, mask, plan=None):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask, skip_plan=plan).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

@@ -90,14 +90,16 @@ def _fit(ratios: dict[str, float], key: str, before: float, costs: dict[str, Mod
     return {k: v for k, v in fitted.items() if v > 0}
 
 
+def mean_kl(base_logp: torch.Tensor, logp: torch.Tensor, valid: torch.Tensor) -> float:
+    """Mean KL(base || model) of next-token distributions (log-probabilities) over valid positions."""
+    return float((base_logp.exp() * (base_logp - logp)).sum(-1)[valid].mean())
+
+
 def kl_to_base(model, ids: torch.Tensor, mask: torch.Tensor, base_logp: torch.Tensor, budget) -> float:
     """Mean KL(base || skipping model) of next-token distributions over real tokens."""
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=budget)).logits.float()
-    logp = F.log_softmax(logits, dim=-1)
-    kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
-    valid = mask.bool()
-    return float(kl[valid].mean())
+    return mean_kl(base_logp, F.log_softmax(logits, dim=-1), mask.bool())
 
 
 @torch.no_grad()

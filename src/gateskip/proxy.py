@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .allocation import allocation_budget
+from .allocation import allocation_budget, mean_kl
 from .baselines import make_method
 from .calibrate import sample_tokens
 from .errors import GateSkipError
@@ -68,7 +68,7 @@ class Scorer:
         `decode` (the method's decoding budget; `budget` itself when it has none)."""
         stats = SkipStats()
         logp = self._logp(SkipPlan(budget=budget, skip_bos=skip_bos, stats=stats))
-        kl = (self.base_logp.exp() * (self.base_logp - logp)).sum(-1)[self.valid].mean()
+        kl = mean_kl(self.base_logp, logp, self.valid)
         target = self.ids[:, 1:]
         nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0][self.valid[:, 1:]].mean()
         report = flop_report(stats, self.dims, self.model.gate_bank.config if charge_gates else None)
