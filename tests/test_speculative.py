@@ -5,9 +5,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from gateskip import GateSkipError, SkipPlan
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+from gateskip import GateConfig, GateSkipError, SkipPlan, add_gates
+from gateskip.calibrate import calibrate
 from gateskip.speculative import speculative_generate
-from test_generation import calibrated, random_prompts
+from test_generation import VOCAB, calibrated, random_prompts
 
 torch.set_num_threads(1)
 
@@ -32,6 +35,53 @@ def test_greedy_output_is_identical_to_full_compute_greedy(family, ratio):
         adaptive = speculative_generate(model, ids, budget=ratio, k=2, max_new_tokens=20, adaptive=True)
         assert torch.equal(adaptive.sequences, reference)
     assert 0 < accepted < drafted  # the draft really differs from the full model, and sometimes agrees
+
+
+def sliding_window_model(family: str):
+    """A tiny calibrated model whose attention layers keep only a window of K/V."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=4))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
+                                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
+    model.config._attn_implementation = "sdpa"
+    add_gates(model.eval(), GateConfig(kind="vector"))
+    with torch.no_grad():
+        for p in model.gate_bank.parameters():
+            p.normal_(0.0, 0.3)
+    model.generation_config.eos_token_id = None
+    calibrate(model, random_prompts([48] * 6, seed=100), [0.5])
+    return model
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_caches_roll_back_losslessly(family):
+    """Prompts longer than the window: rollback must restore K/V a draft pushed out of the window."""
+    model = sliding_window_model(family)
+    window = model.config.sliding_window
+    drafted = accepted = 0
+    for seed in range(2):
+        ids, _ = random_prompts([2 * window + 3 + seed], seed=seed)
+        reference = full_greedy(model, ids, 16)
+        for k in (1, 3, window + 2):
+            result = speculative_generate(model, ids, budget=0.5, k=k, max_new_tokens=16)
+            assert torch.equal(result.sequences, reference), (seed, k)
+            drafted, accepted = drafted + result.drafted, accepted + result.accepted
+        adaptive = speculative_generate(model, ids, budget=0.5, k=2, max_new_tokens=16, adaptive=True)
+        assert torch.equal(adaptive.sequences, reference)
+    assert 0 < accepted < drafted
+
+
+def test_says_when_the_context_ends_first():
+    model = calibrated("llama")  # a context of 128 tokens
+    ids, _ = random_prompts([120], seed=3)
+    result = speculative_generate(model, ids, budget=0.5, k=4, max_new_tokens=20)
+    assert result.new_tokens == 8 and result.context_full and "context" in result.summary()
+    assert torch.equal(result.sequences, full_greedy(model, ids, 8))
+    assert not speculative_generate(model, ids[:, :100], budget=0.5, k=4, max_new_tokens=20).context_full
 
 
 def test_verify_passes_see_exactly_the_full_compute_cache():

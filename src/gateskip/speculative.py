@@ -12,7 +12,10 @@ Draft and verify share one KV cache. Draft steps write K/V computed from skipped
 hidden states, so before verifying, the cache is cropped back to the last position the
 full model wrote; the verify pass rewrites those positions at full compute, and after
 acceptance the cache is cropped to the accepted tokens. The cache therefore only ever
-holds full-compute K/V when a draft starts.
+holds full-compute K/V when a draft starts. Sliding-window layers keep only the last
+window of K/V, so after the prefill the cache records past states (HF's
+`activate_past_recording`, as HF's assisted decoding does): a layer then keeps what a
+draft step pushed out of its window until the next crop, and a crop can roll back.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class SpeculativeResult:
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # full-compute verification passes, prefill included
+    context_full: bool = False  # stopped because the model's context ended before max_new_tokens
     draft_stats: SkipStats = field(default_factory=SkipStats)
     verify_stats: SkipStats = field(default_factory=SkipStats)
 
@@ -60,10 +64,11 @@ class SpeculativeResult:
         return combine(flop_report(self.draft_stats, dims, config), flop_report(self.verify_stats, dims, config))
 
     def summary(self) -> str:
+        ended = f"; stopped at the model's context ({self.sequences.shape[1]} tokens)" if self.context_full else ""
         return (
             f"self-speculative: {self.new_tokens} tokens in {self.passes} full passes "
             f"({self.tokens_per_pass:.2f} tokens/pass), {self.accepted}/{self.drafted} drafts accepted "
-            f"({100 * self.acceptance_rate:.0f}%)"
+            f"({100 * self.acceptance_rate:.0f}%){ended}"
         )
 
 
@@ -129,10 +134,9 @@ def _forward(model, tokens: list[int] | torch.Tensor, cache: DynamicCache, plan:
 
 
 def _truncate(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of every layer (crop takes the number to remove)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+    """Keep the first `length` positions of every layer (crop takes minus the number to remove;
+    crop(0) still trims a recording sliding-window layer back to its window)."""
+    cache.crop(length - cache.get_seq_length())
 
 
 def _device(model) -> torch.device:
@@ -185,6 +189,7 @@ def speculative_generate(
         streamer.put(input_ids.cpu())
 
     token, _ = chooser.pick(_forward(model, input_ids.to(_device(model)), cache, full))
+    cache.activate_past_recording()  # after the prefill: a long prompt is not kept beyond the window
     new = [int(token[0])]
     result.passes = 1
     if streamer is not None:
@@ -218,5 +223,6 @@ def speculative_generate(
             k = min(k + 1, max_k) if all_accepted else max(k - 1, 1)
     if streamer is not None:
         streamer.end()
+    result.context_full = len(new) == limit < max_new_tokens and new[-1] not in stops
     result.sequences = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], 1)
     return result
