@@ -6,8 +6,10 @@ The fast tests never touch the bundled GGUF files; the slow ones load them for r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,13 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gateskip import loading
+from gateskip import GateConfig, SkipPlan, add_gates, is_gated, loading, save_gates
 from gateskip.errors import GateSkipError
 from gateskip.loading import BUNDLED, cache_root, load_model, resolve_spec
+from gateskip.model import read_gate_file
 
 
 @pytest.fixture
@@ -264,6 +268,67 @@ def test_folder_without_tokenizer_is_one_line_error(tmp_path, cache):
     with pytest.raises(GateSkipError) as info:
         load_model(str(path))
     assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+# --- gated model folders -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """Warnings transformers logs meanwhile (its logger does not propagate to the root, so caplog misses them)."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        root.removeHandler(handler)
+
+
+def _gated_folder(tmp_path: Path):
+    """A tiny gated model saved with save_pretrained, its gates with thresholds and an allocation."""
+    model, tok = load_model(str(_tiny_model_dir(tmp_path / "base")))
+    add_gates(model, GateConfig(kind="vector"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.gate_bank.parameters():
+            p.normal_(0.0, 0.3)
+    model.gate_bank.thresholds = {"0.5": {"attn.0": 0.4}}
+    model.gate_bank.allocations = {"0.1": {"ratios": {"mlp.1": 1.0}, "saving": 0.1, "kl": 0.01}}
+    folder = tmp_path / "gated"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, folder
+
+
+def test_a_gated_folder_loads_back_with_its_gates(tmp_path, cache):
+    model, folder = _gated_folder(tmp_path)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "gate_bank" in k]  # the gates are beside the HF weights, not in them
+    save_gates(model, tmp_path / "reference.safetensors")
+    meta, tensors = read_gate_file(folder)
+    reference_meta, reference = read_gate_file(tmp_path / "reference.safetensors")
+    assert meta == reference_meta and meta["allocations"] and meta["thresholds"]
+    assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+
+    loaded, _ = load_model(str(folder))
+    ids = torch.tensor([[1, 3, 4, 5, 3, 4, 5, 3], [1, 5, 5, 4, 3, 3, 4, 5]])
+    plan = SkipPlan(budget=0.5)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, skip_plan=plan).logits, model(ids, skip_plan=plan).logits)
+    assert loaded.gate_bank.allocations == model.gate_bank.allocations
+
+
+def test_from_pretrained_on_a_gated_folder_is_the_base_without_warnings(tmp_path, cache):
+    model, folder = _gated_folder(tmp_path)
+    with transformers_warnings() as seen:
+        base = AutoModelForCausalLM.from_pretrained(folder)
+    assert seen == [] and not is_gated(base)
+    ids = torch.tensor([[1, 3, 4, 5, 3]])
+    with torch.no_grad():  # the base model is the gated one with its gates not applied
+        assert torch.equal(base(ids).logits, model(ids, skip_plan=SkipPlan(budget=None, apply_gates=False)).logits)
 
 
 # --- the real bundled models (use the user's cache) ----------------------------------------

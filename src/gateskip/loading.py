@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # annotations only: importing it loads transformers' modellin
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gateskip.errors import GateSkipError
+from gateskip.model import GATE_FILE, load_gates
 
 __all__ = ["BUNDLED", "DEFAULT_SPEC", "cache_root", "load_model", "resolve_spec"]
 
@@ -233,7 +234,8 @@ def load_model(
     """Load a causal LM and its tokenizer in eval mode, ready for gating experiments.
 
     The tokenizer always has a pad token (eos if it had none) so batching works; its
-    padding side is left as the model's authors chose.
+    padding side is left as the model's authors chose. A folder written by `save_pretrained`
+    of a gated model comes back with its gates (its gateskip.safetensors).
     """
     target = resolve_spec(spec)
     is_local = Path(target).is_dir()
@@ -254,4 +256,6 @@ def load_model(
 
     model.to(device=device, dtype=dtype)
     model.eval()
+    if is_local and (Path(target) / GATE_FILE).is_file():
+        load_gates(model, target)
     return model, tokenizer

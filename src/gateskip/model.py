@@ -55,6 +55,15 @@ class GatedCausalLMMixin:
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                logits_to_keep=logits_to_keep, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """The HF folder without the gates, and the gates in their own file beside it (what save_gates
+        writes): `AutoModelForCausalLM.from_pretrained` then loads the plain base model without
+        unexpected weights, and `gateskip.load_model(folder)` loads it with its gates."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        backbone = {k: v for k, v in state_dict.items() if not k.startswith("gate_bank.")}
+        super().save_pretrained(save_directory, *args, state_dict=backbone, **kwargs)
+        save_gates(self, save_directory)
+
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
