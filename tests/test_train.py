@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gateskip.train as train_module
-from gateskip import SkipPlan, load_gates
+from gateskip import GateConfig, SkipPlan, add_gates, load_gates, save_gates
+from gateskip.allocation import store
+from gateskip.calibrate import calibrate_allocation
 from gateskip.errors import GateSkipError
 from gateskip.loading import load_model
 from gateskip.textdata import bundled_documents
@@ -107,6 +109,38 @@ def test_the_influence_objective_trains_unit_gates_that_leave_the_base_intact(as
         assert not torch.equal(model(ids, skip_plan=SkipPlan(budget=0.5)).logits, reference)
 
 
+def test_training_under_an_allocation_leaves_removed_modules_alone_and_recalibrates(assets, tmp_path):
+    # Gates with one allocation: attention of layer 0 removed, the MLP of layer 1 half skipped.
+    model, _ = load_model(assets["model"])
+    add_gates(model, GateConfig(application="unit", init_bias=0.0))
+    ids = torch.randint(0, 100, (4, 32))
+    store(model.gate_bank, {"0.1": {"ratios": {"attn.0": 1.0, "mlp.1": 0.5}, "saving": 0.1, "kl": 0.0}})
+    calibrate_allocation(model, (ids, torch.ones_like(ids)), model.gate_bank.allocations)
+    stale = dict(model.gate_bank.allocations["0.1"]["thresholds"])
+    save_gates(model, tmp_path / "init")
+    before = load_file(tmp_path / "init" / "gateskip.safetensors")
+
+    final = train(config(assets, tmp_path / "run", mode="frozen", steps=6, init_gates=str(tmp_path / "init"),
+                         allocation=[0.1], sparsity_weight=0.0, distill_weight=1.0))
+    after = load_file(final / "gateskip.safetensors")
+    moved = {".".join(name.split(".")[1:3]) for name in before if not torch.equal(before[name], after[name])}
+    assert "mlp.1" in moved and "attn.0" not in moved  # a removed module evaluates no gate: nothing to learn
+    assert all(m["skip_ratio"] == 0.1 for m in metrics(tmp_path / "run") if "lm" in m)
+    load_gates(model, final)
+    entry = model.gate_bank.allocations["0.1"]
+    assert entry["ratios"] == {"attn.0": 1.0, "mlp.1": 0.5} and entry["thresholds"].keys() == stale.keys()
+    assert entry["thresholds"] != stale  # calibrated again for the trained gates
+
+
+def test_an_allocation_needs_gates_that_store_it(assets, tmp_path):
+    with pytest.raises(GateSkipError, match="--init-gates"):
+        config(assets, tmp_path, allocation=[0.1])
+    model, _ = load_model(assets["model"])
+    save_gates(add_gates(model, GateConfig(application="unit")), tmp_path / "bare")
+    with pytest.raises(GateSkipError, match="no allocation for 0.1"):
+        train(config(assets, tmp_path / "run", mode="frozen", init_gates=str(tmp_path / "bare"), allocation=[0.1]))
+
+
 def test_lora_mode_changes_only_gates_and_adapters(assets, tmp_path):
     final = train(config(assets, tmp_path, mode="lora", steps=5, save_every=5, lora_rank=4))
     original = load_file(Path(assets["model"]) / "model.safetensors")
@@ -144,10 +178,10 @@ def test_lora_mode_changes_only_gates_and_adapters(assets, tmp_path):
 def _fail_at(monkeypatch, at_step: int, error: type[BaseException]):
     real = train_module.train_step
 
-    def step(accelerator, model, optimizer, scheduler, blocks, cfg, step, teacher):
+    def step(accelerator, model, optimizer, scheduler, blocks, cfg, step, *rest):
         if step == at_step:
             raise error("simulated interruption")
-        return real(accelerator, model, optimizer, scheduler, blocks, cfg, step, teacher)
+        return real(accelerator, model, optimizer, scheduler, blocks, cfg, step, *rest)
 
     monkeypatch.setattr(train_module, "train_step", step)
 

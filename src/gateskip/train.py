@@ -6,6 +6,10 @@ One loop on accelerate runs unchanged on one CPU, one GPU, or several processes
     skip ratio  = target * min(1, step / ramp_steps)          (masked execution)
     loss        = CE + sparsity_weight * gate penalty + distill_weight * KL(base || model)
 
+With --init-gates and --allocation, training continues gates that already have allocations
+and trains them under those allocations (one target per step, in turn), so the gates learn to
+rank tokens in the modules the allocation skips partly, at the ratios they will run at.
+
 The batch order is a function of the step, so a resumed run sees the batches the
 uninterrupted run would have seen. The run folder holds train_config.json,
 metrics.jsonl, checkpoints/ and, at the end, final/ (what gateskip loads).
@@ -19,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -36,9 +41,13 @@ from . import checkpoint
 from .config import APPLICATIONS, GATE_KINDS, GateConfig
 from .errors import GateSkipError
 from .loading import load_model
+from .validate import check_output_folder, read_json, text_source
 from .influence import influence_loss
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
-from .model import add_gates, save_gates
+from .allocation import allocation_budget
+from .budget import AllocationBudget
+from .calibrate import calibrate, calibrate_allocation, ratio_key
+from .model import add_gates, load_gates, save_gates
 from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
@@ -46,8 +55,11 @@ MODES = ("full", "frozen", "lora")
 OBJECTIVES = ("lm", "influence")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What a run writes into its folder: only overwrite replaces it.
+RUN_FILES = ("final", "metrics.jsonl", "train_config.json", checkpoint.FOLDER)
 # Options that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = ("steps", "resume", "save_every", "eval_every", "eval_blocks", "keep_checkpoints", "max_minutes")
+RESUMABLE_CHANGES = ("steps", "resume", "save_every", "eval_every", "eval_blocks", "keep_checkpoints", "max_minutes",
+                     "overwrite")
 
 
 @dataclass
@@ -64,6 +76,8 @@ class TrainConfig:
     gate_application: str = "unit"  # "soft" scales kept outputs by the gates (the paper); "unit" keeps the base intact
     objective: str = "lm"  # "lm": end-to-end losses below; "influence": gates regress branch influence (frozen, unit)
     protect_first_token: bool = False
+    init_gates: str | None = None  # start from this gate file (its gate options and allocations win)
+    allocation: list[float] = field(default_factory=list)  # train under these stored allocations, in turn
     sparsity_weight: float = 0.1
     sparsity_loss: str = "l2"
     sparsity_target: float = 0.0
@@ -90,6 +104,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"
     max_minutes: float | None = None  # stop (validate, export) at this wall-clock limit
+    overwrite: bool = False  # start over in an `out` that holds a run (its checkpoints and export are removed)
 
     def __post_init__(self) -> None:
         check_sparsity_kind(self.sparsity_loss)
@@ -113,8 +128,20 @@ class TrainConfig:
         if self.objective == "influence" and (self.mode != "frozen" or self.gate_application != "unit"):
             raise GateSkipError("the influence objective trains unit gates on a frozen backbone: "
                                 "use --mode frozen --gate-application unit")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise GateSkipError(f"max minutes must be positive, got {self.max_minutes}")
+        if self.allocation and (self.init_gates is None or self.objective != "lm"):
+            raise GateSkipError("training under an allocation continues gates that have one: give --init-gates "
+                                "with allocations (gateskip allocate) and the lm objective")
+        # None means "the default" for lr, ramp_steps, max_tokens and max_minutes; NaN and inf mean nothing.
+        above = {"lr": 0.0, "gate_lr": 0.0, "grad_clip": 0.0, "max_minutes": 0.0}
+        at_least = {"sparsity_weight": 0.0, "weight_decay": 0.0, "distill_weight": 0.0, "warmup_steps": 0,
+                    "ramp_steps": 0, "eval_every": 0, "save_every": 0, "seed": 0, "max_tokens": 1}
+        for name, low in {**above, **at_least}.items():
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < low or (name in above and value == low)):
+                raise GateSkipError(f"{name.replace('_', ' ')} must be a finite number "
+                                    f"{'above' if name in above else 'at least'} {low:g}, got {value}")
+        if self.resume and self.overwrite:
+            raise GateSkipError("resume continues the run in --out and overwrite starts it over: give one of them")
 
     @property
     def backbone_lr(self) -> float:
@@ -132,26 +159,40 @@ class TrainConfig:
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create (or check, on resume) the run folder before anything slow happens."""
+    """Check the run folder before anything slow happens, creating nothing (a failed start leaves no
+    folder behind): a folder holding a run, a model or gates is only started over with overwrite."""
     out = Path(cfg.out).expanduser()
+    if cfg.resume:
+        checkpoint.latest_checkpoint(out)  # fails early when there is nothing to resume
+        saved = out / "train_config.json"
+        if saved.is_file():
+            before = read_json(saved, "training configuration")
+            now = dataclasses.asdict(cfg)
+            changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+            if changed:
+                raise GateSkipError(f"cannot resume {out}: options changed since it started: {', '.join(changed)}")
+        return out
+    if checkpoint.checkpoints(out) and not cfg.overwrite:
+        raise GateSkipError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start over, "
+                            "or choose another --out")
+    return check_output_folder(out, writes=RUN_FILES, overwrite=cfg.overwrite)
+
+
+def _create_run_dir(cfg: TrainConfig, out: Path) -> None:
+    """Make the run folder once the model and data are ready; starting over removes the earlier
+    run's checkpoints and export, so a later resume cannot pick up the old run."""
+    if cfg.overwrite and PartialState().is_main_process:
+        for name in RUN_FILES:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out):  # one per process: several may check at once
             pass
     except OSError as e:
         raise GateSkipError(f"output folder {out} is not writable: {e.strerror or e}") from None
-    saved = out / "train_config.json"
-    if cfg.resume:
-        checkpoint.latest_checkpoint(out)  # fails early when there is nothing to resume
-        if saved.is_file():
-            before = json.loads(saved.read_text())
-            now = dataclasses.asdict(cfg)
-            changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
-            if changed:
-                raise GateSkipError(f"cannot resume {out}: options changed since it started: {', '.join(changed)}")
-    elif checkpoint.checkpoints(out):
-        raise GateSkipError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    return out
 
 
 class MetricsLog:
@@ -197,8 +238,15 @@ def build_model(cfg: TrainConfig):
     # Influence targets are percentiles in [0, 1]: gates start in the middle, where the sigmoid
     # has a gradient, not almost open (a unit gate's start changes no output either way).
     bias = 0.0 if cfg.objective == "influence" else GateConfig.init_bias
-    add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token,
-                                application=cfg.gate_application, init_bias=bias))
+    if cfg.init_gates:
+        load_gates(model, cfg.init_gates)
+        missing = [t for t in cfg.allocation if ratio_key(t) not in model.gate_bank.allocations]
+        if missing:
+            raise GateSkipError(f"{cfg.init_gates} has no allocation for {ratio_key(missing[0])}; "
+                                f"run `gateskip allocate` first")
+    else:
+        add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token,
+                                    application=cfg.gate_application, init_bias=bias))
     if cfg.mode == "frozen":
         model.requires_grad_(False)
     elif cfg.mode == "lora":
@@ -241,6 +289,20 @@ def make_teacher(accelerator: Accelerator, cfg: TrainConfig, model, base_copy) -
     return teacher
 
 
+def budget_schedule(cfg: TrainConfig, bank) -> tuple[Callable[[int], float | AllocationBudget], float | AllocationBudget]:
+    """(budget of each step, budget validation uses). Without an allocation: the ramped
+    per-module ratio. With one: the stored allocations in turn, whole from the first step
+    (the gates start trained), validated at the middle target."""
+    if not cfg.allocation:
+        return cfg.skip_ratio, cfg.target_skip
+    budgets = [allocation_budget(bank, t) for t in cfg.allocation]
+    return (lambda step: budgets[step % len(budgets)]), budgets[len(budgets) // 2]
+
+
+def _label(budget: float | AllocationBudget) -> float:
+    return budget.target if isinstance(budget, AllocationBudget) else budget
+
+
 # ---------------------------------------------------------------- data order
 
 
@@ -264,8 +326,9 @@ def _to_device(blocks: Blocks, device: torch.device) -> Blocks:
 # ---------------------------------------------------------------- one step
 
 
-def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float, teacher) -> LossTerms:
-    """Forward with masked skipping at ratio `skip` and every loss term (or the influence regression)."""
+def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float | AllocationBudget, teacher) -> LossTerms:
+    """Forward with masked skipping under `skip` (a ratio or an allocation) and every loss term
+    (or the influence regression)."""
     if cfg.objective == "influence":
         loss = influence_loss(model, batch.input_ids, batch.attention_mask)
         zero = loss.new_zeros(())
@@ -282,9 +345,9 @@ def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float, teacher) -> 
 
 
 def train_step(accelerator: Accelerator, model, optimizer, scheduler, blocks: Blocks, cfg: TrainConfig,
-               step: int, teacher) -> dict[str, float]:
+               step: int, teacher, schedule: Callable[[int], float | AllocationBudget] | None = None) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches; returns the step's metrics, averaged over processes."""
-    skip = cfg.skip_ratio(step)
+    skip = (schedule or cfg.skip_ratio)(step)
     sums = torch.zeros(6, device=accelerator.device)  # total, lm, sparsity, distill, mean gate, tokens
     for micro in range(cfg.grad_accum):
         idx = batch_indices(cfg, len(blocks), step, micro, accelerator.process_index, accelerator.num_processes)
@@ -304,20 +367,32 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, blocks: Bl
     world = accelerator.num_processes
     names = ("loss", "lm", "sparsity", "distill", "mean_gate")
     metrics = {k: float(v) / world for k, v in zip(names, sums[:5])}
-    metrics.update(tokens=float(sums[5]), skip_ratio=skip, grad_norm=float(grad_norm))
+    metrics.update(tokens=float(sums[5]), skip_ratio=_label(skip), grad_norm=float(grad_norm))
     metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
     return metrics
 
 
+def _stop_if_not_finite(accelerator: Accelerator, model, loss: float, step: int) -> None:
+    """Stop before a NaN or inf loss or parameter reaches a checkpoint or the export; every process
+    stops at the same step (the flag is reduced), so none waits on a collective the others left."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).all() & math.isfinite(loss)
+    if accelerator.reduce((~finite).float(), "max").item():
+        raise GateSkipError(f"training stopped at step {step}: the loss ({loss:g}) or a trained parameter is not "
+                            "finite; nothing was exported. Lower --lr or --gate-lr, or train with --mixed-precision no")
+
+
 @torch.no_grad()
-def validate(accelerator: Accelerator, model, blocks: Blocks, cfg: TrainConfig) -> dict[str, float]:
-    """Validation LM loss and perplexity at the target skip ratio (masked execution, as in training)."""
+def validate(accelerator: Accelerator, model, blocks: Blocks, cfg: TrainConfig,
+             budget: float | AllocationBudget | None = None) -> dict[str, float]:
+    """Validation LM loss and perplexity at the target skip ratio, or `budget` (masked execution, as in training)."""
+    budget = cfg.target_skip if budget is None else budget
     model.eval()
     mine = torch.arange(min(len(blocks), cfg.eval_blocks))[accelerator.process_index :: accelerator.num_processes]
     sums = torch.zeros(2, device=accelerator.device)  # loss x tokens, tokens
     for chunk in mine.split(cfg.batch_size):
         batch = _to_device(blocks.select(chunk), accelerator.device)
-        plan = SkipPlan(budget=cfg.target_skip, execution="masked")
+        plan = SkipPlan(budget=budget, execution="masked")
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, skip_plan=plan, use_cache=False).logits
         n = (batch.labels[:, 1:] != -100).sum()
         if n > 0:
@@ -325,16 +400,19 @@ def validate(accelerator: Accelerator, model, blocks: Blocks, cfg: TrainConfig) 
     model.train()
     loss_sum, n = accelerator.reduce(sums, "sum").tolist()
     loss = loss_sum / max(n, 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_skip_ratio": cfg.target_skip}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_skip_ratio": _label(budget)}
 
 
 # ---------------------------------------------------------------- export
 
 
-def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder: Path, base_copy=None) -> Path:
+def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder: Path, base_copy=None,
+           samples: Blocks | None = None) -> Path:
     """Write what gateskip loads: gateskip.safetensors, plus the backbone as an HF folder when it
     was fine-tuned in full, or the LoRA adapter in PEFT's format. Frozen and LoRA exports load
-    onto the original model (`load_gates` merges an adapter it finds beside the gates)."""
+    onto the original model (`load_gates` merges an adapter it finds beside the gates).
+    Thresholds and allocations inherited from --init-gates are recalibrated on `samples` for
+    the trained gates."""
     state = accelerator.get_state_dict(model)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
@@ -342,6 +420,8 @@ def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder:
             trained, _, _ = build_model(dataclasses.replace(cfg, distill_weight=0.0))
             trained.load_state_dict(state)
         folder.mkdir(parents=True, exist_ok=True)
+        if samples is not None:
+            _recalibrate(trained.get_base_model() if cfg.mode == "lora" else trained, samples)
         if cfg.mode == "lora":  # the adapter in PEFT's format beside the gates; load_gates merges it
             trained.save_pretrained(folder)
             trained = trained.get_base_model()
@@ -353,6 +433,19 @@ def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder:
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     accelerator.wait_for_everyone()
     return folder
+
+
+def _recalibrate(model, samples: Blocks) -> None:
+    """Calibrate the stored ratios and allocations again: their thresholds belong to the old gates."""
+    bank = model.gate_bank
+    was_training = model.training
+    model.eval()
+    pair = (samples.input_ids.to(model.device), samples.attention_mask.to(model.device))
+    if bank.thresholds:
+        calibrate(model, pair, [float(k) for k in bank.thresholds])
+    if bank.allocations:
+        calibrate_allocation(model, pair, bank.allocations)
+    model.train(was_training)
 
 
 # ---------------------------------------------------------------- entry point
@@ -378,6 +471,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg.data, tokenizer, cfg.seq_len, packed=cfg.pack, val_fraction=cfg.val_fraction, seed=cfg.seed,
         max_tokens=cfg.max_tokens,
     )
+    _create_run_dir(cfg, out)
     from transformers import get_cosine_schedule_with_warmup  # loads transformers' modelling stack: not at import
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -386,6 +480,7 @@ def train(cfg: TrainConfig) -> Path:
     if base_copy is not None:  # frozen: not prepared, so checkpoints leave it out
         base_copy.to(accelerator.device)
     teacher = make_teacher(accelerator, cfg, accelerator.unwrap_model(model) if cfg.mode == "lora" else model, base_copy)
+    schedule, val_budget = budget_schedule(cfg, _gate_bank(accelerator.unwrap_model(model)))
 
     start = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(out)) if cfg.resume else 0
     if accelerator.is_main_process:
@@ -400,10 +495,11 @@ def train(cfg: TrainConfig) -> Path:
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            metrics = train_step(accelerator, model, optimizer, scheduler, train_blocks, cfg, step, teacher)
+            metrics = train_step(accelerator, model, optimizer, scheduler, train_blocks, cfg, step, teacher, schedule)
             step += 1
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - t0)
             log.write({"step": step, **metrics})
+            _stop_if_not_finite(accelerator, model, metrics["loss"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss' if cfg.objective == 'influence' else 'lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
                             gate=f"{metrics['mean_gate']:.3f}", skip=f"{metrics['skip_ratio']:.2f}",
@@ -412,9 +508,10 @@ def train(cfg: TrainConfig) -> Path:
             if out_of_time:
                 accelerator.print(f"time limit of {cfg.max_minutes} min reached at step {step} of {cfg.steps}")
             if len(val_blocks) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or out_of_time):
-                val = validate(accelerator, model, val_blocks, cfg)
+                val = validate(accelerator, model, val_blocks, cfg, val_budget)
                 log.write({"step": step, **val})
-                accelerator.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f} at skip {cfg.target_skip:.2f}")
+                accelerator.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f} "
+                                  f"at {'net saving' if cfg.allocation else 'skip'} {val['val_skip_ratio']:.2f}")
             if (cfg.save_every and step % cfg.save_every == 0) or out_of_time:
                 checkpoint.save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
             if out_of_time:
@@ -427,7 +524,8 @@ def train(cfg: TrainConfig) -> Path:
         raise
     finally:
         bar.close()
-    final = export(accelerator, model, tokenizer, cfg, out / "final", base_copy)
+    recalibration = train_blocks.select(torch.arange(min(len(train_blocks), 16))) if cfg.init_gates else None
+    final = export(accelerator, model, tokenizer, cfg, out / "final", base_copy, recalibration)
     accelerator.end_training()
     return final
 
@@ -447,7 +545,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a gated model (accelerate; resumable)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default=d.model, help=f"bundled name, HF folder or hub id (default {d.model})")
-    p.add_argument("--data", action="append", help="text file/folder, .jsonl, datasets folder, hf:NAME[:SPLIT], "
+    p.add_argument("--data", action="append", type=text_source, help="text file/folder, .jsonl, datasets folder, hf:NAME[:SPLIT], "
                    "or 'bundled' (Shakespeare; default); repeatable")
     p.add_argument("--out", default=d.out, help="run folder (checkpoints, metrics.jsonl, final/)")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -461,6 +559,10 @@ def register(subparsers) -> None:
                         "measured influence, one forward per step (needs --mode frozen)")
     p.add_argument("--protect-first-token", action="store_true",
                    help="never skip the first token of a sequence (the attention sink); saved with the gates")
+    p.add_argument("--init-gates", help="start from this gate file or folder: its gate options, thresholds and "
+                   "allocations replace --gate-kind/--rank/--gate-application/--protect-first-token (recalibrated at the end)")
+    p.add_argument("--allocation", type=float, nargs="+", default=[], metavar="TARGET",
+                   help="train under the allocations --init-gates stores for these net savings, one per step in turn")
     p.add_argument("--sparsity-weight", type=float, default=d.sparsity_weight, help="lambda of the gate penalty")
     p.add_argument("--sparsity-loss", default=d.sparsity_loss, help="l2 | l1 | kl")
     p.add_argument("--sparsity-target", type=float, default=d.sparsity_target, help="gate value the kl loss pulls to")
@@ -486,6 +588,8 @@ def register(subparsers) -> None:
                    help="wall-clock limit: stop, validate, checkpoint and export when reached (resume continues)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run, a model or gates (its checkpoints and final/ are removed)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mixed-precision", choices=PRECISIONS, default=d.mixed_precision)
     p.set_defaults(func=run)
@@ -505,7 +609,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m gateskip.train ...`, the form `accelerate launch -m` needs."""
-    parser = argparse.ArgumentParser(prog="gateskip")
+    from .cli import Parser  # cli imports this module
+
+    parser = Parser(prog="gateskip")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
