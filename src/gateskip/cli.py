@@ -7,9 +7,10 @@ import sys
 
 from . import allocation, analysis, baselines, calibrate, demo, generation, proxy, train
 from .evaluation import cli as evaluation
+from .evaluation import tasks
 from .errors import GateSkipError
 
-COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, baselines, analysis)
+COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis)
 
 
 def build_parser() -> argparse.ArgumentParser:

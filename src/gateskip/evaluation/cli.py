@@ -14,7 +14,7 @@ from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
 from ..model import add_gates, load_gates, remove_gates
 from .sweep import (DEFAULT_BATCH_SIZE, FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list,
-                    run_sweep, sample_texts)
+                    run_sweep, sample_batch)
 
 DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
 
@@ -49,11 +49,6 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
-
-
-def _sample_batch(tokenizer, path: Path | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(sample_texts(path), return_tensors="pt", padding=True, truncation=True, max_length=256)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_weights(model, args.quantize)
     device = next(model.parameters()).device
     needs_sample = args.calibrate or any(m in methods for m in ("shortgpt", "calm"))
-    sample = _sample_batch(tokenizer, args.sample_text, device) if needs_sample else None
+    sample = sample_batch(tokenizer, args.sample_text, device) if needs_sample else None
     if args.calibrate:
         calibrate(model, sample, [b for b in budgets if b > 0])
     built = {name: make_method(name, model, sample, seed=args.seed, router=router)

@@ -31,9 +31,10 @@ from .sweep import DEFAULT_BATCH_SIZE
 class GatedLM(HFLM):
     """HFLM around an in-memory (gated) model; any batch size scores as batch size 1 would."""
 
-    def __init__(self, model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None,
+                 max_batch_size: int = 64):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                         device=str(next(model.parameters()).device))
+                         max_batch_size=max_batch_size, device=str(next(model.parameters()).device))
         self.score_plan: SkipPlan | None = None
         self.generate_plan: SkipPlan | None = None
         self._scoring = False  # inside _loglikelihood_tokens: every batch must come with its lengths

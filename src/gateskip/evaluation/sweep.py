@@ -16,6 +16,7 @@ import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..baselines import Method
@@ -111,6 +112,13 @@ def sample_texts(path: str | os.PathLike | None = None, count: int = 32) -> list
             if len(passages) == count:
                 break
     return passages
+
+
+def sample_batch(tokenizer, path: str | os.PathLike | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the sample text (sample_texts) that ShortGPT ranks layers on and CALM and
+    --calibrate set thresholds on."""
+    enc = tokenizer(sample_texts(path), return_tensors="pt", padding=True, truncation=True, max_length=256)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def load_records(out: Path, settings: SweepSettings) -> list[dict]:

@@ -10,6 +10,7 @@ task definitions (which download from the hub) are used unchanged.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
@@ -127,3 +128,23 @@ def task_manager(names: list[str], source: str, folder: str | os.PathLike, inclu
             "(any other lm-eval task name needs --data hub and hub access)"
         )
     return manager
+
+
+# CLI ---------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tasks", help="write the bundled offline tasks as YAMLs for lm_eval --include_path")
+    p.add_argument("--out", type=Path, help="folder to write them into (default: the gateskip cache's tasks/)")
+    p.add_argument("--tasks", default=",".join(BUNDLED_TASKS),
+                   help=f"comma-separated bundled task names (default: all: {', '.join(BUNDLED_TASKS)})")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import cache_root
+    from .sweep import parse_list
+
+    names = parse_list(args.tasks, "task", tuple(BUNDLED_TASKS))
+    print(render_tasks(names, args.out or cache_root() / "tasks"))  # alone on stdout, for $(gateskip tasks)
+    return 0
