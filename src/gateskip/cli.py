@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import allocation, analysis, baselines, calibrate, demo, generation, proxy, train
+from . import allocation, analysis, baselines, bench, calibrate, demo, generation, proxy, train
 from .evaluation import cli as evaluation
-from .evaluation import tasks
 from .errors import GateSkipError
 
-COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis)
+COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, baselines, analysis, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,6 +79,8 @@ def attention_physical(
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx, kwargs=cache_kwargs)
 
+    if t == 1:
+        return _one_query_rows(attn, x, keep, cos, sin, k, v, attention_mask)
     index, slot_valid = pack_per_sequence(keep, capacity)
     if index.shape[1] == 0:
         return None
@@ -93,9 +95,48 @@ def attention_physical(
     return attn.o_proj(out), index, slot_valid
 
 
+def _kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
+    """Rows (B,) of a one-token step that keep their token: None when all do (no gather needed)."""
+    rows = keep[:, 0].nonzero().squeeze(1)  # waits for the device: the row count sizes the work
+    return None if rows.numel() == keep.shape[0] else rows
+
+
+def _scatter_rows(y: torch.Tensor, rows: torch.Tensor | None, keep: torch.Tensor):
+    """Outputs (N, 1, d) of the kept rows as the packed layout of a one-token step: (B, 1, d), index 0, keep."""
+    if rows is not None:
+        y = y.new_zeros(keep.shape[0], 1, y.shape[-1]).index_copy_(0, rows, y)
+    return y, torch.zeros_like(keep, dtype=torch.long), keep
+
+
+def _one_query_rows(attn: nn.Module, x, keep, cos, sin, k, v, mask):
+    """A decode step (one token per row): queries of the kept rows only, each attending to its
+    own row of the cache. With no mask (batch 1, no padding) the one query sees every key it
+    is given (the cache hands a sliding layer only its window), so no mask is built."""
+    if not bool(keep.any()):
+        return None
+    rows = _kept_rows(keep)
+    if rows is not None:
+        x, cos, sin, k, v = (a.index_select(0, rows) for a in (x, cos, sin, k, v))
+        mask = None if mask is None else mask.index_select(0, rows)
+    q = _heads(attn.q_proj(x), attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = _rope(q, cos, sin)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask == 0  # additive float mask: 0 where attending
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    return _scatter_rows(attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1)), rows, keep)
+
+
 def branch_physical(branch: nn.Module, x: torch.Tensor, keep: torch.Tensor, capacity: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A token-wise branch (MLP) on kept tokens only, in the packed layout (B, K, d)."""
+    """A token-wise branch (MLP) on kept tokens only, in the packed layout (B, K, d); in a decode
+    step (one token per row) on the kept rows only."""
+    if x.shape[1] == 1:
+        if not bool(keep.any()):
+            return None
+        rows = _kept_rows(keep)
+        return _scatter_rows(branch(x if rows is None else x.index_select(0, rows)), rows, keep)
     index, slot_valid = pack_per_sequence(keep, capacity)
     if index.shape[1] == 0:
         return None

@@ -1,0 +1,267 @@
+"""Lean cached decoding: the gated layers driven directly, with a preallocated KV cache.
+
+HF `generate` (gateskip.generation) spends a good share of each step on machinery a
+skipping decoder does not need: building attention masks, growing the cache by
+concatenation, logits processors. Here the prefill runs through the HF forward once
+(so it is exactly what `generate` computes), its K/V are copied into a `StaticKV`, and
+each decode step runs embeddings, the gated decoder layers, the final norm and the LM
+head itself:
+
+- one query attends to the cache without a mask (batch 1; a left-padded batch gets one
+  key-padding row per step), sliding-window layers see a slice of the last window;
+- the cache is preallocated and its length is one integer, so rolling it back (what
+  self-speculative decoding does after a rejected draft) is an assignment;
+- skip decisions and accounting stay on the device (gateskip.stats folds its counts
+  when a report is read), the layer code is the one every other execution uses.
+
+Greedy tokens equal those of HF `generate` under the same budget (tests/test_decoding.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .budget import AllocationBudget, ThresholdBudget
+from .errors import GateSkipError
+from .generation import Generation, check_prompt, decode_budget
+from .model import decoder_layers
+from .plan import ForwardContext, SkipPlan
+from .stats import SkipStats
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention)."""
+    n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types and config.model_type != "mistral":  # Mistral slides every layer whatever layer_types says
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n
+
+
+class StaticKV:
+    """K/V of every layer in preallocated buffers (B, kv heads, capacity, head dim).
+
+    `length` positions are written; `update` (called by the attention of each layer) writes
+    the new ones after them and returns what the new queries may see: everything, or the
+    last window of a sliding layer (plus the new tokens). `advance` moves `length` once per
+    forward, and setting `length` lower rolls the cache back.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int):
+        cfg, param = model.config, next(model.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (batch, cfg.num_key_value_heads, capacity, head_dim)
+        self.windows = layer_windows(cfg)
+        self.keys = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.windows]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.capacity, self.length = capacity, 0
+
+    def start(self, layer: int) -> int:
+        """First position the next query of this layer attends to."""
+        w = self.windows[layer]
+        return 0 if w is None else max(0, self.length - w + 1)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = self.length, self.length + k.shape[2]
+        if e > self.capacity:
+            raise GateSkipError(f"the KV cache holds {self.capacity} positions; this forward needs {e}")
+        self.keys[layer_idx][:, :, s:e] = k
+        self.values[layer_idx][:, :, s:e] = v
+        start = self.start(layer_idx)
+        return self.keys[layer_idx][:, :, start:e], self.values[layer_idx][:, :, start:e]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def load(self, cache: DynamicCache, length: int) -> None:
+        """Take over what an HF cache holds after a prefill of `length` positions (a sliding
+        layer holds only its last positions: the ones before are never read again)."""
+        for i, layer in enumerate(cache.layers):
+            n = layer.keys.shape[2]
+            self.keys[i][:, :, length - n : length] = layer.keys
+            self.values[i][:, :, length - n : length] = layer.values
+        self.length = length
+
+
+class Stepper:
+    """One forward of the gated model over new tokens that attend to a StaticKV."""
+
+    def __init__(self, model: nn.Module, cache: StaticKV):
+        self.model, self.cache = model, cache
+        inner = model.model
+        self.layers = list(decoder_layers(model))
+        self.kinds = [w is not None for w in cache.windows]  # True: sliding
+        types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(self.layers)
+        self.rope_kind = types if "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters else None
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def masks(self, t: int, key_valid: torch.Tensor | None) -> dict[bool, torch.Tensor | None]:
+        """Attention mask per kind of layer, (B, 1, t, keys) bool, or None where one query sees
+        every key it is given (batch 1, no padding)."""
+        cache, out = self.cache, {}
+        e = cache.length + t
+        for sliding in set(self.kinds):
+            layer = self.kinds.index(sliding)
+            start = cache.start(layer)
+            if t == 1 and key_valid is None:
+                out[sliding] = None
+                continue
+            q = torch.arange(cache.length, e, device=cache.keys[0].device)[:, None]
+            k = torch.arange(start, e, device=q.device)[None, :]
+            allowed = k <= q
+            if sliding:
+                allowed &= k > q - cache.windows[layer]
+            allowed = allowed[None, None]
+            if key_valid is not None:
+                allowed = allowed & key_valid[:, None, None, start:e]
+            out[sliding] = allowed
+        return out
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                 key_valid: torch.Tensor | None = None, logits_to_keep: int = 1) -> torch.Tensor:
+        inner, t = self.model.model, ids.shape[1]
+        h = inner.embed_tokens(ids)
+        masks = self.masks(t, key_valid)
+        rope = {}
+        for i, layer in enumerate(self.layers):
+            kind = None if self.rope_kind is None else self.rope_kind[i]
+            if kind not in rope:
+                rope[kind] = inner.rotary_emb(h, positions) if kind is None else inner.rotary_emb(h, positions, kind)
+            h = layer(h, attention_mask=masks[self.kinds[i]], position_ids=positions, cache=self.cache,
+                      position_embeddings=rope[kind], skip_ctx=ctx)
+        self.cache.advance(t)
+        logits = self.model.lm_head(inner.norm(h[:, -logits_to_keep:]))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def step_context(plan: SkipPlan, model, batch: int, t: int, context: torch.Tensor) -> ForwardContext:
+    """The ForwardContext of a step over t new real tokens; context (B,) counts each row's real
+    keys before the step. No token of a decode step is a sequence's first, so none is protected."""
+    valid = torch.ones(batch, t, dtype=torch.bool, device=context.device)
+    ctx_len = (context[:, None] + torch.arange(1, t + 1, device=context.device)).float()
+    if plan.stats is not None:
+        plan.stats.record_forward(valid, ctx_len)
+    return ForwardContext(plan, model.gate_bank if plan.apply_gates else None, valid, ctx_len, None)
+
+
+def warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    out = LogitsProcessorList()
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
+
+
+class Chooser:
+    """Turns logits into tokens: argmax when greedy, else a sample from the warped
+    distribution (which is also what the speculative rejection rule compares)."""
+
+    def __init__(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None):
+        if do_sample and temperature <= 0:
+            raise GateSkipError(f"temperature must be positive when sampling, got {temperature}")
+        self.do_sample, self.warpers, self.generator = do_sample, warpers(temperature, top_k, top_p), generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits -> (N, V) probabilities after temperature / top-k / top-p."""
+        return torch.softmax(self.warpers(None, logits.float()), dim=-1)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token (N,), its distribution (N, V) or None when greedy)."""
+        if not self.do_sample:
+            return logits.argmax(-1), None
+        probs = self.probs(logits)
+        return self.sample(probs), probs
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, plan: SkipPlan, capacity: int,
+            ) -> tuple[torch.Tensor, StaticKV]:
+    """Last-position logits (B, V) of the prompt through the HF forward, and a StaticKV holding its K/V."""
+    hf_cache = DynamicCache(config=model.config)
+    positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=positions, cache=hf_cache, use_cache=True, skip_plan=plan,
+                   logits_to_keep=1).logits[:, -1]
+    cache = StaticKV(model, ids.shape[0], capacity)
+    cache.load(hf_cache, ids.shape[1])
+    return logits, cache
+
+
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    budget: float | ThresholdBudget | AllocationBudget | None = None,
+    max_new_tokens: int = 128,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    streamer=None,
+) -> Generation:
+    """Decode up to max_new_tokens per row (left-padded prompts) at a calibrated budget, as
+    `generation.generate` does but without HF generate's loop. Rows that reach a stop token
+    are filled with pad_token_id; decoding ends when every row has stopped."""
+    check_prompt(model, input_ids)
+    if max_new_tokens < 1:
+        raise GateSkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
+    b, n = input_ids.shape
+    context = getattr(model.config, "max_position_embeddings", None) or n + max_new_tokens
+    steps = min(max_new_tokens, context - n)
+    stops = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
+                         dtype=torch.long, device=input_ids.device)
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    prefill_stats, decode_stats = SkipStats(), SkipStats()
+    plan = SkipPlan(budget=decode_budget(model, budget), stats=prefill_stats)
+    logits, cache = prefill(model, input_ids, attention_mask if padded else None, plan, n + steps)
+    plan.stats = decode_stats
+    step = Stepper(model, cache)
+    key_valid = None
+    real = torch.full((b,), n, device=input_ids.device)
+    if padded:
+        key_valid = torch.ones(b, n + steps, dtype=torch.bool, device=input_ids.device)
+        key_valid[:, :n] = attention_mask.bool()
+        real = attention_mask.long().sum(1)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    for i in range(steps):
+        token, _ = chooser.pick(logits)
+        token = token.masked_fill(done, pad_token_id)
+        out.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if stops.numel():
+            done |= torch.isin(token, stops)
+            if bool(done.all()):
+                break
+        if i == steps - 1:
+            break
+        ctx = step_context(plan, model, b, 1, real + i)
+        logits = step(token[:, None], (real + i)[:, None], ctx, key_valid)[:, -1]
+    if streamer is not None:
+        streamer.end()
+    sequences = torch.cat([input_ids, torch.stack(out, 1).to(input_ids.dtype)], 1)
+    return Generation(sequences, n, prefill_stats, decode_stats, None)

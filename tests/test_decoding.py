@@ -1,0 +1,63 @@
+"""The lean decoder (gateskip.decoding) gives HF generate's tokens under the same budget, on
+every supported family, sliding windows and left-padded batches included; a batch whose rows
+skip different modules runs each module on its kept rows only and equals decoding each row alone."""
+
+import pytest
+import torch
+
+from gateskip.decoding import decode
+from gateskip.generation import generate
+from test_generation import calibrated, random_prompts
+from test_speculative import sliding_window_model
+
+torch.set_num_threads(1)
+
+
+def model_for(family):
+    return calibrated(family) if family in ("llama", "qwen2") else sliding_window_model(family)
+
+
+def skipped(stats):
+    return sum(c.skipped for c in stats.modules().values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3"])
+def test_same_tokens_and_accounting_as_hf_generate(family):
+    model = model_for(family)
+    for lengths in ([21], [21, 9, 14]):
+        ids, mask = random_prompts(lengths, seed=len(lengths))
+        mask = mask if len(lengths) > 1 else None
+        for budget in (0.0, 0.5):
+            reference = generate(model, ids, mask, budget=budget, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            ours = decode(model, ids, mask, budget=budget, max_new_tokens=10)
+            assert torch.equal(ours.sequences, reference.sequences), (lengths, budget)
+            assert skipped(ours.decode) == skipped(reference.decode) and ours.decode.tokens == reference.decode.tokens
+            assert (skipped(ours.decode) > 0) == (budget > 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batched_rows_skip_alone_and_equal_decoding_each_row_alone(family):
+    model = model_for(family)
+    lengths = [12, 5, 9, 12]
+    ids, mask = random_prompts(lengths, seed=7)
+    rows_seen = []
+    hook = model.model.layers[1].mlp.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    batched = decode(model, ids, mask, budget=0.5, max_new_tokens=10)
+    hook.remove()
+    assert any(0 < n < len(lengths) for n in rows_seen)  # some step ran the MLP on a strict subset of rows
+    for i, n in enumerate(lengths):
+        alone = decode(model, ids[i : i + 1, -n:], None, budget=0.5, max_new_tokens=10)
+        assert torch.equal(batched.sequences[i, -10:], alone.sequences[0, -10:]), i
+
+
+def test_stop_tokens_pad_finished_rows_and_end_when_all_stop():
+    model = calibrated("llama")
+    ids, mask = random_prompts([8, 6], seed=3)
+    free = decode(model, ids, mask, budget=0.5, max_new_tokens=12).sequences[:, 8:]
+    stop = int(free[0, 3])
+    out = decode(model, ids, mask, budget=0.5, max_new_tokens=12, eos_token_id=stop, pad_token_id=0).sequences[:, 8:]
+    first = free[0].tolist().index(stop)
+    assert out[0, : first + 1].tolist() == free[0, : first + 1].tolist() and set(out[0, first + 1 :].tolist()) <= {0}
+    row1 = free[1].tolist()
+    if stop in row1:
+        assert out.shape[1] == max(first, row1.index(stop)) + 1
