@@ -156,6 +156,18 @@ def test_mod_router_runs_beside_the_gates(model_dir, tiny_task, tmp_path):
     assert acc[("gateskip", 0.0)]["net_saving"] < acc[("mod", 0.0)]["net_saving"] < 0
 
 
+def test_a_gated_model_folder_runs_a_baseline_without_gates(tiny_task, tmp_path):
+    """The folder's own gates give way to identity ones (adding gates to a gated model is refused)."""
+    folder = tmp_path / "gated-model"
+    add_gates(tiny_model(), GateConfig(kind="vector")).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "sweep"
+    assert cli.run(eval_args(folder, tiny_task, out, "--method", "random", "--budgets", "0.5")) == 0
+    acc = {r["method"]: r for r in json.loads((out / RESULTS).read_text())["records"] if r["metric"] == "acc"}
+    assert acc["random"]["skip_fraction"] == pytest.approx(0.5, abs=0.06)
+    assert acc["random"]["net_saving"] > 0.3  # identity gates: nothing charged
+
+
 def test_interrupted_sweep_resumes_without_recomputing(model_dir, tiny_task, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     real = lm_eval.simple_evaluate

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gates:
         load_gates(model, args.gates)
     else:
+        remove_gates(model)  # a gated model folder's own gates give way to fresh or identity ones
         torch.manual_seed(args.seed)
         add_gates(model, GateConfig(kind=args.fresh_gates) if args.fresh_gates else IDENTITY_GATES)
     if args.quantize:
