@@ -10,6 +10,7 @@ print("prints, at 100 columns). Regenerate after changing an option:\n")
 print("```sh")
 print("COLUMNS=100 .venv/bin/python docs/gen_cli.py > docs/cli.md")
 print("```\n")
+print("What each command refuses, and which outputs it never overwrites without `--overwrite`: [errors.md](errors.md).\n")
 print("```text\n" + parser.format_help().rstrip() + "\n```\n")
 helps = {a.dest: a.help for a in sub._choices_actions}
 for name, p in sub.choices.items():

@@ -35,6 +35,7 @@ from .flops import ModelDims, gate_flops_per_token
 from .gates import GateBank
 from .model import is_gated
 from .plan import SkipPlan
+from .validate import check_output_file, existing_path, fits_context, integer, ratio, text_source
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 
@@ -265,15 +266,19 @@ def describe(allocations: dict) -> str:
 def register(subparsers) -> None:
     p = subparsers.add_parser("allocate", help="split net-saving targets into per-module skip ratios (saved with the gates)")
     p.add_argument("model", help="bundled model name, local folder or hub id")
-    p.add_argument("--gates", required=True, help="gate file or folder (allocations are saved back into it)")
-    p.add_argument("--targets", type=float, nargs="+", help="net FLOP savings, e.g. 0.1 0.15 0.25")
-    p.add_argument("--text", default="bundled", help="search text no evaluation uses: 'bundled', .txt/.jsonl file or dataset folder")
-    p.add_argument("--sequences", type=int, default=2, help="search blocks")
-    p.add_argument("--length", type=int, default=256, help="tokens per search block")
-    p.add_argument("--levels", type=float, nargs="+", default=list(LEVELS),
+    p.add_argument("--gates", required=True, type=existing_path,
+                   help="gate file or folder (allocations are saved back into it)")
+    p.add_argument("--targets", type=ratio, nargs="+", help="net FLOP savings, e.g. 0.1 0.15 0.25")
+    p.add_argument("--text", default="bundled", type=text_source,
+                   help="search text no evaluation uses: 'bundled', .txt/.jsonl file or dataset folder")
+    p.add_argument("--sequences", type=integer(1), default=2, help="search blocks")
+    p.add_argument("--length", type=integer(2), default=256, help="tokens per search block")
+    p.add_argument("--levels", type=ratio, nargs="+", default=list(LEVELS),
                    help="skip ratios a module steps through (1 = removed); fewer levels, fewer forwards")
     p.add_argument("--show", action="store_true", help="print the stored allocations instead of searching")
     p.add_argument("--plot", type=Path, help="write a plot of the allocations per module to this PNG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace allocations the gate file already holds for these targets, and an existing --plot")
     p.set_defaults(func=run)
 
 
@@ -283,15 +288,18 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.show and not args.targets:
         raise GateSkipError("give --targets to search, or --show to print the stored allocations")
-    for t in [*(args.targets or []), *args.levels]:
-        check_ratio(t)
     if 1.0 not in args.levels or 0.0 in args.levels:
         raise GateSkipError("--levels must include 1 (removal) and not 0")
-    if args.sequences < 1 or args.length < 2:
-        raise GateSkipError("--sequences must be at least 1 and --length at least 2")
+    if args.plot:
+        check_output_file(args.plot, overwrite=args.overwrite)
     model, tokenizer = load_model(args.model)
+    if not args.show:
+        fits_context(model, args.length, "--length")
     load_gates(model, args.gates)
     bank = model.gate_bank
+    stored = [key for key in map(ratio_key, args.targets or []) if key in bank.allocations]
+    if not args.show and stored and not args.overwrite:
+        raise GateSkipError(f"{args.gates} already holds an allocation for {stored[0]}; pass --overwrite to replace it")
     if not args.show:
         samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
         found = search(model, samples, args.targets, sorted(args.levels), progress=lambda line: tqdm.write(line))

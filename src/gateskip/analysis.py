@@ -23,6 +23,7 @@ from .errors import GateSkipError
 from .gates import importance
 from .model import is_gated
 from .plan import GateTrace, SkipPlan
+from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
 
 # Token classes, in the order plots and tables list them.
 CLASSES = ("first", "punctuation", "function word", "content word", "other")
@@ -414,6 +415,8 @@ def sample_sequences(tokenizer, source: str = "bundled", sequences: int = 8,
         docs = docs[::-1]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = length - len(bos)
+    if sequences < 1 or body < 1:
+        raise GateSkipError(f"analysis needs at least one sequence of {len(bos) + 1} tokens, got {sequences} x {length}")
     stream = [t for ids, _ in textdata.tokenize(docs, tokenizer, max_tokens=sequences * body) for t in ids]
     rows = [bos + stream[i: i + body] for i in range(0, len(stream) - body + 1, body)][:sequences]
     if not rows:
@@ -429,13 +432,15 @@ def register(subparsers) -> None:
     """Add `gateskip analyze`."""
     p = subparsers.add_parser("analyze", help="gate statistics and plots (importance per layer, token classes, skip pattern)")
     p.add_argument("model", help="bundled model name, local folder or hub id")
-    p.add_argument("--gates", help="gate file or folder (without it: fresh untrained low-rank gates, a control)")
-    p.add_argument("--text", default="bundled", help="sample text: 'bundled' (read from its end, which gateskip demo "
+    p.add_argument("--gates", type=existing_path,
+                   help="gate file or folder (without it: fresh untrained low-rank gates, a control)")
+    p.add_argument("--text", default="bundled", type=text_source, help="sample text: 'bundled' (read from its end, which gateskip demo "
                    "does not train on), a .txt/.jsonl file or a dataset folder")
     p.add_argument("--out", type=Path, required=True, help="folder for the plots, analysis.md and analysis.json")
-    p.add_argument("--budget", type=float, default=0.25, help="skip ratio for the skip pattern and keep rates")
-    p.add_argument("--sequences", type=int, default=8, help="sample sequences")
-    p.add_argument("--length", type=int, default=128, help="tokens per sample sequence")
+    p.add_argument("--budget", type=ratio, default=0.25, help="skip ratio for the skip pattern and keep rates")
+    p.add_argument("--sequences", type=integer(1), default=8, help="sample sequences")
+    p.add_argument("--length", type=integer(2), default=128, help="tokens per sample sequence")
+    p.add_argument("--overwrite", action="store_true", help="replace the analysis an earlier run left in --out")
     p.set_defaults(func=run)
 
 
@@ -444,10 +449,9 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import add_gates, load_gates
 
-    if args.sequences < 1 or args.length < 2:
-        raise GateSkipError("--sequences must be at least 1 and --length at least 2")
-    check_ratio(args.budget)
+    check_output_folder(args.out, writes=(SUMMARY, STATS), overwrite=args.overwrite)
     model, tokenizer = load_model(args.model)
+    fits_context(model, args.length, "--length")
     if args.gates:
         load_gates(model, args.gates)
     else:

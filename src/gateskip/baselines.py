@@ -44,8 +44,10 @@ from .gates import GateBank
 from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
+from .validate import check_output_folder, existing_file
 
 METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
+PRUNED = "gateskip-pruned.json"  # what `gateskip prune` writes beside the pruned model
 
 QUANTILE_DECODE = "per-sequence quantile in decoding: single-token steps skip nothing"
 
@@ -307,7 +309,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="bundled model name, local folder or hub id")
     p.add_argument("--ratio", type=float, required=True, help="share of layers to remove, e.g. 0.25")
     p.add_argument("--out", type=Path, required=True, help="folder for the pruned model (then: gateskip train OUT)")
-    p.add_argument("--sample-text", type=Path, help="paragraphs (blank-line separated) to rank layers on")
+    p.add_argument("--sample-text", type=existing_file, help="paragraphs (blank-line separated) to rank layers on")
+    p.add_argument("--overwrite", action="store_true", help="replace a model in --out (never the source model)")
     p.set_defaults(func=run)
 
 
@@ -316,6 +319,10 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     share = check_share(args.ratio)
+    source = Path(args.model).expanduser()
+    if source.is_dir() and source.resolve() == args.out.expanduser().resolve():
+        raise GateSkipError(f"--out {args.out} is the source model's folder; write the pruned model elsewhere")
+    check_output_folder(args.out, writes=(PRUNED,), overwrite=args.overwrite)
     model, tokenizer = load_model(args.model)
     count = round(share * model.config.num_hidden_layers)
     enc = tokenizer(sample_texts(args.sample_text), return_tensors="pt", padding=True, truncation=True, max_length=256)
@@ -323,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     remove_layers(model, removed)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    (args.out / "gateskip-pruned.json").write_text(json.dumps({"source": args.model, "removed_layers": sorted(removed)}))
+    (args.out / PRUNED).write_text(json.dumps({"source": args.model, "removed_layers": sorted(removed)}))
     print(f"removed layers {sorted(removed)}; saved {model.config.num_hidden_layers} layers to {args.out}")
     return 0
 

@@ -23,6 +23,7 @@ from .budget import ThresholdBudget, check_ratio
 from .errors import GateSkipError
 from .model import is_gated, save_gates
 from .plan import SkipPlan
+from .validate import existing_path, fits_context, integer, ratio, text_source
 
 
 def ratio_key(ratio: float) -> str:
@@ -138,6 +139,8 @@ def sample_tokens(tokenizer, source: str = "bundled", sequences: int = 16, lengt
     gateskip.textdata reads ("bundled" Shakespeare, a .txt/.jsonl file, a dataset folder)."""
     from . import textdata
 
+    if sequences < 1 or length < 1:
+        raise GateSkipError(f"sample text needs at least one block of one token, got {sequences} x {length}")
     docs = textdata.read_documents(source)
     blocks = textdata.pack(textdata.tokenize(docs, tokenizer, max_tokens=sequences * length), length)
     if len(blocks) == 0:
@@ -151,11 +154,14 @@ def sample_tokens(tokenizer, source: str = "bundled", sequences: int = 16, lengt
 def register(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="calibrate importance thresholds for target skip ratios")
     p.add_argument("model", help="bundled model name, local folder or hub id")
-    p.add_argument("--gates", required=True, help="gate file or folder (thresholds are saved back into it)")
-    p.add_argument("--ratios", type=float, nargs="+", required=True, help="target skip ratios, e.g. 0.25 0.5")
-    p.add_argument("--text", default="bundled", help="sample text: 'bundled', a .txt/.jsonl file or a dataset folder")
-    p.add_argument("--sequences", type=int, default=16, help="sample blocks")
-    p.add_argument("--length", type=int, default=256, help="tokens per sample block")
+    p.add_argument("--gates", required=True, type=existing_path,
+                   help="gate file or folder (thresholds are saved back into it)")
+    p.add_argument("--ratios", type=ratio, nargs="+", required=True, help="target skip ratios, e.g. 0.25 0.5")
+    p.add_argument("--text", default="bundled", type=text_source,
+                   help="sample text: 'bundled', a .txt/.jsonl file or a dataset folder")
+    p.add_argument("--sequences", type=integer(1), default=16, help="sample blocks")
+    p.add_argument("--length", type=integer(1), default=256, help="tokens per sample block")
+    p.add_argument("--overwrite", action="store_true", help="replace thresholds the gate file already holds for these ratios")
     p.set_defaults(func=run)
 
 
@@ -164,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_gates
 
     model, tokenizer = load_model(args.model)
+    fits_context(model, args.length, "--length")
     load_gates(model, args.gates)
+    stored = [ratio_key(r) for r in args.ratios if ratio_key(r) in model.gate_bank.thresholds]
+    if stored and not args.overwrite:
+        raise GateSkipError(f"{args.gates} already holds thresholds for ratio {stored[0]}; pass --overwrite to replace them")
     samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
     found = calibrate(model, samples, args.ratios)
     path = save_gates(model, args.gates)

@@ -3,28 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 
 from . import allocation, analysis, baselines, bench, calibrate, demo, generation, proxy, train
 from .evaluation import cli as evaluation
+from .evaluation import tasks
 from .errors import GateSkipError
 
-COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, baselines, analysis, bench)
+COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis, bench)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported as the commands report theirs: one `error:` line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateskip", description="Learned token skipping for decoder-only LMs (GateSkip).")
+    parser = Parser(prog="gateskip", description="Learned token skipping for decoder-only LMs (GateSkip).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
     return parser
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a folder tree that holds no file (what a failed command may have begun)."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (2 for a user mistake, which is printed as one `error:` line)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own one-line error (Parser.error)
+        return int(e.code or 0)
+    out = getattr(args, "out", None)
+    new = Path(out).expanduser() if out and not Path(out).expanduser().exists() else None
     try:
         return int(args.func(args) or 0)
     except GateSkipError as e:
+        if new is not None:  # a failed check leaves no empty folder behind
+            _remove_if_empty(new)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -49,6 +49,7 @@ from .proxy import run_proxy, table as proxy_table
 from .stats import SkipStats
 from .timing import time_interleaved
 from .train import TrainConfig, train
+from .validate import check_output_folder, integer, read_json
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_GATES = {"smollm2-135m": "gates/smollm2-135m-unit/gateskip.safetensors"}  # repo-relative
@@ -119,7 +120,7 @@ class Job:
         self.trained_now = False  # training ran in this invocation: the allocation must be searched again
         # Timings of earlier invocations: a reused stage reports what it cost when it ran.
         saved = self.out / "summary.json"
-        self.earlier: dict[str, dict] = json.loads(saved.read_text())["stages"] if saved.is_file() else {}
+        self.earlier: dict[str, dict] = read_json(saved, "job summary").get("stages", {}) if saved.is_file() else {}
         self._check_same_job()
 
     def _check_same_job(self) -> None:
@@ -127,7 +128,7 @@ class Job:
         path = self.out / "job.json"
         now = {"model": self.model, "gates": self.gates, "sizes": dataclasses.asdict(self.sizes)}
         now = json.loads(json.dumps(now))  # tuples as lists, as read back
-        if path.is_file() and json.loads(path.read_text()) != now:
+        if path.is_file() and read_json(path, "job record") != now:
             raise GateSkipError(f"{self.out} holds a main job with another model, gates or size; "
                                 "choose another --out or delete it")
         path.write_text(json.dumps(now, indent=1))
@@ -137,7 +138,7 @@ class Job:
         (a shipped file regenerated in place, or gates retrained here, change them)."""
         path = self.out / "gates.json"
         now = {role: {"path": str(p), "sha256": _sha256(p)} for role, p in files.items()}
-        if not path.is_file() or json.loads(path.read_text()) != now:
+        if not path.is_file() or read_json(path, "gate record") != now:
             self.gates_changed = True
             self.write_json(path.name, now)
 
@@ -305,7 +306,7 @@ def stage_proxy(job: Job, model, tokenizer, gates: Path, heldout: Path, search_b
     path = folder / "proxy.json"
     with job.stage("proxy", reused=job.reusable(folder) and path.is_file()):
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_json(path, "stage result")
         blocks = sample_tokens(tokenizer, str(heldout), s.proxy_blocks, s.proxy_length)
         after = len(blocks[0]) * s.proxy_length // PROMPT_TOKENS  # prompts from the held-out text after the blocks
         prompts = sample_tokens(tokenizer, str(heldout), after + s.agreement_prompts, PROMPT_TOKENS)[0][after:]
@@ -460,7 +461,7 @@ def stage_analysis(job: Job, model, tokenizer, gates: Path, heldout: Path) -> di
     folder = job.out / "analysis"
     with job.stage("analysis", reused=job.reusable(folder) and (folder / "analysis.json").is_file()):
         if (folder / "analysis.json").is_file():
-            return json.loads((folder / "analysis.json").read_text())
+            return read_json(folder / "analysis.json", "stage result")
         ids, mask = sample_sequences(tokenizer, str(heldout), s.analysis_sequences, s.analysis_length)
         return analyze(model, tokenizer, ids, mask, folder, budget=0.25, text="held-out text (data/heldout.jsonl.gz)",
                        gates=str(gates))
@@ -796,25 +797,22 @@ def register(subparsers) -> None:
                         "default: the shipped gates of the bundled model, for other models gates trained here")
     source.add_argument("--train-gates", action="store_true",
                         help="train and allocate gates here, also for the bundled model")
-    p.add_argument("--items", type=int, help=f"items per task (default {FULL.items}; {QUICK.items} with --quick)")
+    p.add_argument("--items", type=integer(1), help=f"items per task (default {FULL.items}; {QUICK.items} with --quick)")
     p.add_argument("--out", type=Path, help="report folder (default reports/demo, reports/demo-quick with --quick); "
                    "rerun with the same folder to continue")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every stage in a minute or two (a smoke test)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is faster on a "
+    p.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice; 1 is faster on a "
                    "machine that other jobs keep busy)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise GateSkipError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     if args.items is not None:
-        if args.items < 1:
-            raise GateSkipError(f"--items must be at least 1, got {args.items}")
         sizes = dataclasses.replace(sizes, items=args.items)
-    out = args.out or Path("reports/demo-quick" if args.quick else "reports/demo")
+    out = check_output_folder(args.out or Path("reports/demo-quick" if args.quick else "reports/demo"),
+                              writes=("report.md", "summary.json"), resumes="job.json")
     run_job(args.model, out, sizes, gates=args.gates, train_gates=args.train_gates)
     return 0

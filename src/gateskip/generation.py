@@ -23,6 +23,7 @@ from .flops import FlopReport, ModelDims, flop_report
 from .model import is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
+from .validate import existing_path, integer, ratio, real
 
 
 def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | None) -> ThresholdBudget | AllocationBudget | None:
@@ -126,18 +127,21 @@ def generate(
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream text from a gated model at a skip budget")
     p.add_argument("model", help="bundled model name, local folder or hub id")
-    p.add_argument("--gates", required=True, help="gate file or folder (with calibrated thresholds)")
-    p.add_argument("--budget", type=float, default=0.0,
+    p.add_argument("--gates", required=True, type=existing_path, help="gate file or folder (with calibrated thresholds)")
+    p.add_argument("--budget", type=ratio, default=0.0,
                    help="calibrated target skip ratio, or the net FLOP saving when the gates store allocations (0 = no skipping)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=integer(1), default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=real(0.0, above=True), default=1.0, help="with --sample: divides the logits")
+    p.add_argument("--top-k", type=integer(1), help="with --sample: only the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=real(0.0, 1.0, above=True), default=1.0,
+                   help="with --sample: only the most likely tokens holding this much probability")
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--speculative", type=int, metavar="K", default=0,
-                   help="lossless self-speculative decoding: draft K tokens at --budget, verify at full compute")
+    p.add_argument("--speculative", type=integer(0), metavar="K", default=0,
+                   help="lossless self-speculative decoding: draft K tokens at --budget, verify at full compute "
+                        "(0, the default: no drafting, every token decoded once at --budget)")
     p.set_defaults(func=run)
 
 
@@ -161,21 +165,21 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_gates
     from .speculative import speculative_generate
 
-    if args.max_new_tokens < 1:
-        raise GateSkipError("--max-new-tokens must be at least 1")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     load_gates(model, args.gates)
     ids = encode_prompt(tokenizer, args.prompt, args.chat)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.speculative:
         result = speculative_generate(model, ids, budget=args.budget, k=args.speculative, max_new_tokens=args.max_new_tokens,
                                       eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
         print(result.summary())
         return 0
-    if not args.sample:
-        sampling = dict(do_sample=False, temperature=None, top_p=None)
+    if args.sample:
+        sampling["top_k"] = args.top_k or 0  # HF's "no limit", as speculative's None (HF would default to 50)
+    else:
+        sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     gen = generate(model, ids, budget=args.budget, max_new_tokens=args.max_new_tokens, streamer=streamer,
                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
     print_reports(reports(model, gen.prefill, gen.decode))

@@ -8,6 +8,7 @@ as `model.gate_bank`. Module names, weights and `generate` stay as they were.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,6 +165,8 @@ def save_gates(model: PreTrainedModel, path: str | os.PathLike) -> Path:
 def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a gate file; a clear error if it is missing or not ours."""
     target = _gate_file(path)
+    if Path(path).is_file() and target != Path(path):
+        raise GateSkipError(f"{path} is not a gate file: give a .safetensors file or the folder holding {GATE_FILE}")
     if not target.is_file():
         raise GateSkipError(f"no gate file at {target}")
     try:
@@ -172,7 +175,50 @@ def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (KeyError, json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error types
         raise GateSkipError(f"{target} is not a gateskip gate file ({e})") from None
+    _check_metadata(meta, str(target))
+    diverged = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if diverged:
+        raise GateSkipError(f"{target}: {diverged[0]} holds NaN or inf values (the gates diverged in training); "
+                            "retrain them, e.g. with a lower --gate-lr")
     return meta, tensors
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_metadata(meta, where: str) -> None:
+    """Refuse metadata of the wrong type (a damaged, hand-edited or foreign file) before anything reads it.
+    Thresholds may be -inf or inf (calibration's "skip none" and "skip all"), never NaN."""
+    if not isinstance(meta, dict):
+        raise GateSkipError(f"{where}: the gateskip metadata is not a JSON object")
+    kinds = {"num_layers": int, "hidden_size": int, "gate_config": dict, "version": int, "model_type": str,
+             "thresholds": dict, "allocations": dict}
+    required = ("num_layers", "hidden_size", "gate_config")
+    for key, kind in kinds.items():
+        value = meta.get(key)
+        if (value is not None or key in required) and (not isinstance(value, kind) or isinstance(value, bool)):
+            what = {int: "a whole number", dict: "a JSON object", str: "a string"}[kind]
+            raise GateSkipError(f"{where}: metadata field {key!r} should be {what}, got {value!r}")
+    if meta.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise GateSkipError(f"{where} has format version {meta['version']}, newer than this gateskip reads "
+                            f"({FORMAT_VERSION}); upgrade gateskip")
+    try:
+        GateConfig.from_dict(meta["gate_config"])
+    except (TypeError, ValueError) as e:
+        raise GateSkipError(f"{where}: gate_config is malformed ({e})") from None
+    tables = {f"thresholds for ratio {r}": t for r, t in meta.get("thresholds", {}).items()}
+    for target, entry in meta.get("allocations", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("ratios"), dict):
+            raise GateSkipError(f"{where}: allocation {target} is malformed")
+        tables[f"allocation {target}'s ratios"] = entry["ratios"]
+        tables[f"allocation {target}'s thresholds"] = entry.get("thresholds", {})
+    for name, table in tables.items():
+        if not isinstance(table, dict) or not all(_is_number(v) and not math.isnan(v) for v in table.values()):
+            raise GateSkipError(f"{where}: {name} must map modules to numbers (no NaN)")
+    for target, entry in meta.get("allocations", {}).items():
+        if not all(0.0 <= v <= 1.0 for v in entry["ratios"].values()):
+            raise GateSkipError(f"{where}: allocation {target} has a skip ratio outside [0, 1]")
 
 
 def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:

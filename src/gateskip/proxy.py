@@ -38,6 +38,7 @@ from .errors import GateSkipError
 from .flops import ModelDims, flop_report
 from .plan import SkipPlan
 from .stats import SkipStats
+from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
 
 EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 TARGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -184,24 +185,30 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
 # CLI ---------------------------------------------------------------------------------
 
 METHODS = ("gateskip", "equal", "shortgpt", "random")
+OUTPUTS = ("proxy.json", "proxy.md", "proxy.png")  # what --out receives
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("proxy", help="LM loss and KL on held-out text against net FLOPs saved, gates vs baselines")
     p.add_argument("model", help="bundled model name, local folder or hub id")
-    p.add_argument("--gates", action="append", required=True, help="gate file or folder (repeat to compare variants)")
-    p.add_argument("--text", required=True, help="held-out text no gate trained or searched on (.txt/.jsonl/dataset folder)")
-    p.add_argument("--search-text", default="bundled", help="text ShortGPT ranks layers on (as `gateskip allocate --text`)")
-    p.add_argument("--blocks", type=int, default=8, help="held-out blocks")
-    p.add_argument("--length", type=int, default=256, help="tokens per block")
+    p.add_argument("--gates", action="append", required=True, type=existing_path,
+                   help="gate file or folder (repeat to compare variants)")
+    p.add_argument("--text", required=True, type=text_source,
+                   help="held-out text no gate trained or searched on (.txt/.jsonl/dataset folder)")
+    p.add_argument("--search-text", default="bundled", type=text_source,
+                   help="text ShortGPT ranks layers on (as `gateskip allocate --text`)")
+    p.add_argument("--blocks", type=integer(1), default=8, help="held-out blocks")
+    p.add_argument("--length", type=integer(2), default=256, help="tokens per block")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="net savings the table compares at")
-    p.add_argument("--agreement", type=int, default=0, metavar="N",
+    p.add_argument("--targets", type=ratio, nargs="+", default=list(TARGETS), help="net savings the table compares at")
+    p.add_argument("--agreement", type=integer(0), default=0, metavar="N",
                    help="also measure next-token agreement with the base on its greedy continuations of N held-out prompts")
     p.add_argument("--out", type=Path, help="folder for proxy.json, proxy.md and proxy.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the proxy.* files an earlier run left in --out")
     p.set_defaults(func=run)
 
 
+@torch.no_grad()
 def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import load_gates
@@ -210,13 +217,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise GateSkipError(f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(METHODS)}")
-    if args.blocks < 1 or args.length < 2 or args.agreement < 0:
-        raise GateSkipError("--blocks must be at least 1, --length at least 2 and --agreement not negative")
-    for path in args.gates:
-        if not Path(path).exists():
-            raise GateSkipError(f"no gate file at {path}")
-    torch.set_grad_enabled(False)
+    if args.out:
+        check_output_folder(args.out, writes=OUTPUTS, overwrite=args.overwrite)
     model, tokenizer = load_model(args.model)
+    fits_context(model, args.length, "--length")
     blocks = sample_tokens(tokenizer, args.text, args.blocks, args.length)
     search = sample_tokens(tokenizer, args.search_text, 4, args.length)
     continuations = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,24 @@ def bundled_documents() -> list[Document]:
     return [[(f.read_text(encoding="utf-8", errors="replace"), True)] for f in files]
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content; one clear error for a file that is missing, unreadable or binary."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GateSkipError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "convert it first, e.g. with iconv -t utf-8") from None
+    except OSError as e:
+        raise GateSkipError(f"cannot read {path}: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise GateSkipError(f"{path} holds NUL bytes: a binary file, not text")
+    return text
+
+
 def _row_document(row: dict, where: str) -> Document:
+    if not isinstance(row, dict):
+        raise GateSkipError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
     if isinstance(row.get("text"), str):
         return [(row["text"], True)]
     if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
@@ -54,16 +72,21 @@ def _row_document(row: dict, where: str) -> Document:
 
 def _jsonl_documents(path: Path) -> list[Document]:
     opener = gzip.open if path.suffix == ".gz" else open
-    docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GateSkipError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            docs.append(_row_document(row, f"{path}:{n}"))
+    docs, n = [], 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GateSkipError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                docs.append(_row_document(row, f"{path}:{n}"))
+    except UnicodeDecodeError:
+        raise GateSkipError(f"{path}:{n + 1}: not UTF-8 text") from None
+    except (EOFError, OSError, zlib.error) as e:  # gzip: truncated or not gzip at all
+        raise GateSkipError(f"{path} is damaged or not {'gzip' if opener is gzip.open else 'text'} ({e})") from None
     return docs
 
 
@@ -87,7 +110,10 @@ def _hub_documents(source: str) -> list[Document]:
 def _disk_documents(path: Path) -> list[Document]:
     import datasets
 
-    data = datasets.load_from_disk(str(path))
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as e:  # missing or damaged Arrow and JSON files
+        raise GateSkipError(f"{path} is not a readable datasets folder ({str(e).splitlines()[0] if str(e) else e!r})") from None
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
             raise GateSkipError(f"{path}: a dataset dict needs a 'train' split, has {list(data)}")
@@ -108,11 +134,11 @@ def read_documents(source: str) -> list[Document]:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             docs = _disk_documents(path)
         elif path.is_dir():
-            docs = [[(f.read_text(encoding="utf-8"), True)] for f in sorted(path.iterdir()) if f.suffix in TEXT_SUFFIXES]
+            docs = [[(read_text(f), True)] for f in sorted(path.iterdir()) if f.suffix in TEXT_SUFFIXES]
         elif path.name.endswith((".jsonl", ".jsonl.gz")):
             docs = _jsonl_documents(path)
         else:
-            docs = [[(path.read_text(encoding="utf-8"), True)]]
+            docs = [[(read_text(path), True)]]
     docs = [d for d in docs if any(text.strip() for text, _ in d)]
     if not docs:
         raise GateSkipError(f"training data {source} holds no text")
@@ -161,6 +187,8 @@ def tokenize(docs: list[Document], tokenizer: PreTrainedTokenizerBase,
 
 def pack(token_docs: list[tuple[list[int], list[int]]], seq_len: int) -> Blocks:
     """Concatenate every document and cut the stream into full blocks (the tail is dropped)."""
+    if seq_len < 1:
+        raise GateSkipError(f"a block needs at least one token, got a length of {seq_len}")
     ids = torch.tensor([t for d, _ in token_docs for t in d], dtype=torch.long)
     labels = torch.tensor([t for _, lab in token_docs for t in lab], dtype=torch.long)
     n = ids.numel() // seq_len

@@ -132,14 +132,14 @@ class TrainConfig:
             raise GateSkipError("training under an allocation continues gates that have one: give --init-gates "
                                 "with allocations (gateskip allocate) and the lm objective")
         # None means "the default" for lr, ramp_steps, max_tokens and max_minutes; NaN and inf mean nothing.
-        above = {"lr": 0.0, "gate_lr": 0.0, "grad_clip": 0.0, "max_minutes": 0.0}
-        at_least = {"sparsity_weight": 0.0, "weight_decay": 0.0, "distill_weight": 0.0, "warmup_steps": 0,
+        above = {"lr": 0, "gate_lr": 0, "grad_clip": 0, "max_minutes": 0}
+        at_least = {"sparsity_weight": 0, "weight_decay": 0, "distill_weight": 0, "warmup_steps": 0,
                     "ramp_steps": 0, "eval_every": 0, "save_every": 0, "seed": 0, "max_tokens": 1}
         for name, low in {**above, **at_least}.items():
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < low or (name in above and value == low)):
-                raise GateSkipError(f"{name.replace('_', ' ')} must be a finite number "
-                                    f"{'above' if name in above else 'at least'} {low:g}, got {value}")
+                bound = "positive" if name in above else f"at least {low:g}"
+                raise GateSkipError(f"{name.replace('_', ' ')} must be {bound} and finite, got {value}")
         if self.resume and self.overwrite:
             raise GateSkipError("resume continues the run in --out and overwrite starts it over: give one of them")
 

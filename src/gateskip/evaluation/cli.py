@@ -13,6 +13,7 @@ from ..calibrate import calibrate
 from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
 from ..model import add_gates, load_gates, remove_gates
+from ..validate import check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer
 from .sweep import (DEFAULT_BATCH_SIZE, FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list,
                     run_sweep, sample_batch)
 
@@ -23,31 +24,31 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="accuracy vs compute sweep through lm-evaluation-harness")
     p.add_argument("model", help="bundled model name (smollm2-135m), local folder or hub id")
     gates = p.add_mutually_exclusive_group()
-    gates.add_argument("--gates", help="gate file or folder saved by gateskip (method gateskip)")
+    gates.add_argument("--gates", type=existing_path, help="gate file or folder saved by gateskip (method gateskip)")
     gates.add_argument("--fresh-gates", choices=GATE_KINDS, help="untrained gates of this kind (a control)")
-    p.add_argument("--router", help="gate file of a MoD-style router (method mod), on the same backbone")
+    p.add_argument("--router", type=existing_path, help="gate file of a MoD-style router (method mod), on the same backbone")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,piqa")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated skip ratios (default {DEFAULT_BUDGETS})")
     p.add_argument("--method", default="gateskip", help=f"comma-separated methods from {', '.join(METHODS)}")
-    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--limit", type=integer(1), help="evaluate only the first N documents of each task")
     p.add_argument("--out", type=Path, required=True, help="output folder (rerun with the same folder to resume)")
     p.add_argument("--data", choices=("bundled", "hub"), default="bundled",
                    help="bundled: offline copies of the standard tasks; hub: lm-eval's own definitions")
-    p.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAMLs")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--include-path", type=existing_folder, help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--batch-size", type=integer(1), default=DEFAULT_BATCH_SIZE,
                    help=f"lm-eval batch size (default {DEFAULT_BATCH_SIZE}); padding is masked, so scores and "
                         f"skip counts equal batch size 1's")
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation of the backbone (torchao)")
-    p.add_argument("--num-fewshot", type=int, help="override the tasks' number of few-shot examples")
-    p.add_argument("--sample-text", type=Path,
+    p.add_argument("--num-fewshot", type=integer(0), help="override the tasks' number of few-shot examples")
+    p.add_argument("--sample-text", type=existing_file,
                    help="paragraphs (blank-line separated) for ShortGPT's layer ranking and --calibrate "
                         "(default: bundled SQuAD passages)")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate importance thresholds at the swept budgets on the sample text first, so that "
                         "generative tasks skip in decode steps too (kept in memory, not written to the gate file)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps (checked to exist here)")
+    p.add_argument("--seed", type=integer(0), default=0)
     p.set_defaults(func=run)
 
 
@@ -59,13 +60,8 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_list(args.method, "method", METHODS)
     tasks = parse_list(args.tasks, "task")
     budgets = parse_budgets(args.budgets)
-    if args.limit is not None and args.limit <= 0:
-        raise GateSkipError(f"--limit must be a positive number of documents, got {args.limit}")
     if "gateskip" in methods and not (args.gates or args.fresh_gates):
         raise GateSkipError("method gateskip needs gates: pass --gates PATH or --fresh-gates KIND")
-    for path in (args.gates, args.router):
-        if path and not Path(path).exists():
-            raise GateSkipError(f"no gate file at {path}")
     if ("mod" in methods) != bool(args.router):
         raise GateSkipError("method mod and --router go together")
     if args.calibrate and "gateskip" not in methods:
@@ -75,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
                              quantize=args.quantize, num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate, dtype=args.dtype,
                              batch_size=args.batch_size, sample_text=str(args.sample_text) if args.sample_text else None)
 
+    check_dtype(getattr(torch, args.dtype), args.device)
+    check_output_folder(args.out, writes=(RESULTS, TABLE, FIGURE), resumes=RESULTS)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     router = None
     if args.router:  # loaded first, then set aside: the model carries the gateskip gates

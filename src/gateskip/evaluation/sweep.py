@@ -24,6 +24,7 @@ from ..budget import check_ratio
 from ..errors import GateSkipError
 from ..flops import ModelDims, flop_report
 from ..stats import SkipStats
+from ..textdata import read_text
 from .report import markdown_table, plot
 from .tasks import data_root, task_manager
 
@@ -95,7 +96,7 @@ def sample_texts(path: str | os.PathLike | None = None, count: int = 32) -> list
     """Text for ranking layers (ShortGPT): a file of blank-line separated paragraphs, or by default
     the Wikipedia passages of the bundled SQuAD requests (not an evaluation task here)."""
     if path is not None:
-        paragraphs = [p.strip() for p in Path(path).read_text().split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in read_text(path).split("\n\n") if p.strip()]
         if not paragraphs:
             raise GateSkipError(f"sample text file {path} is empty")
         return paragraphs[:count]

@@ -1,0 +1,197 @@
+"""Checks of user input that every command shares, so that a mistake ends as one `error:` line
+before any work starts, and nothing finished is overwritten by accident.
+
+Two kinds: argparse `type=` functions (numbers, paths, devices), which raise
+argparse.ArgumentTypeError so that argparse names the option; and checks that need more than
+one option or a loaded model, which raise GateSkipError (the Python API's error as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import GateSkipError
+
+# What marks a folder as holding a model or gates: work that only --overwrite may replace.
+MODEL_FILES = ("config.json", "gateskip.safetensors", "adapter_config.json")
+
+
+# ---------------------------------------------------------------- argparse types
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def real(low: float = -math.inf, high: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (in (low, high] with above=True).
+    NaN and inf are refused: no option means anything at either."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or value > high or (above and value == low):
+            bounds = [f"above {low:g}" if above else f"at least {low:g}"] if math.isfinite(low) else []
+            bounds += [f"at most {high:g}"] if math.isfinite(high) else []
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {value:g}")
+        return value
+
+    return parse
+
+
+ratio = real(0.0, 1.0)
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: a readable file."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return path
+
+
+def existing_folder(text: str) -> Path:
+    """An argparse type: a readable folder."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder" if path.exists() else f"{text} does not exist")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return path
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a file or folder that exists (a gate file or the folder holding one)."""
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text
+
+
+def text_source(text: str) -> str:
+    """An argparse type for gateskip.textdata sources: 'bundled', 'hf:NAME[:SPLIT]' or an existing path."""
+    if text == "bundled" or text.startswith("hf:"):
+        return text
+    return existing_path(text)
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device that this machine has (cpu, cuda, cuda:N, mps, ...)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "mps":
+        count = int(torch.backends.mps.is_available())
+    else:
+        backend = getattr(torch, dev.type, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"this machine has no {dev.type} device (torch sees none); use cpu")
+    if dev.index is not None and dev.index >= count:
+        raise argparse.ArgumentTypeError(f"{text} does not exist: this machine has {count} {dev.type} device(s)")
+    return text
+
+
+# ---------------------------------------------------------------- checks needing more than one option
+
+
+def check_dtype(dtype: torch.dtype, device: str) -> None:
+    """bfloat16 runs on every CPU, but not on every GPU."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise GateSkipError(f"{device} does not support bfloat16; use --dtype float32")
+
+
+def fits_context(model, tokens: int, what: str) -> None:
+    """Refuse sequences longer than the model's context (its position embeddings end there)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and tokens > context:
+        raise GateSkipError(f"{what} of {tokens} tokens exceeds the model's context of {context} tokens")
+
+
+def _writable_parent(path: Path) -> None:
+    """A folder that does not exist yet must be creatable: its nearest existing ancestor is a writable folder."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GateSkipError(f"{path} is not writable: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GateSkipError(f"{path} is not writable: cannot create folders in {parent}")
+
+
+def check_output_folder(path: str | os.PathLike, *, writes: Iterable[str] = (), overwrite: bool = False,
+                        resumes: str | None = None) -> Path:
+    """An output folder that may be used without losing work, checked without creating anything.
+
+    Refused: a file; a folder that is not writable; unless `overwrite`, a folder holding a model
+    or gates, or any of the files the command `writes`. A folder holding `resumes` (the
+    command's own record of an earlier run) passes: the command continues it.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        _writable_parent(path)
+        return path
+    if not path.is_dir():
+        raise GateSkipError(f"output folder {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise GateSkipError(f"output folder {path} is not writable")
+    if resumes is not None and (path / resumes).exists():
+        return path
+    if not overwrite:
+        model = [name for name in MODEL_FILES if (path / name).exists()]
+        if model:
+            raise GateSkipError(f"{path} holds a model or gates ({model[0]}); choose another folder"
+                                + (" or pass --overwrite" if resumes is None else ""))
+        done = [name for name in writes if (path / name).exists()]
+        if done:
+            raise GateSkipError(f"{path} already holds {done[0]} from an earlier run; choose another folder"
+                                + (" or pass --overwrite to replace it" if resumes is None else ""))
+    return path
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """An output file: not a folder, in a folder that exists or can be made, not replaced unless `overwrite`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise GateSkipError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise GateSkipError(f"{path} exists; pass --overwrite to replace it")
+    if not path.exists():
+        _writable_parent(path)
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file gateskip wrote earlier; a damaged one is a one-line error, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GateSkipError(f"{path} is not a readable {what} ({e}); move it away to start over") from None
