@@ -150,7 +150,7 @@ def step_context(plan: SkipPlan, model, batch: int, t: int, context: torch.Tenso
     ctx_len = (context[:, None] + torch.arange(1, t + 1, device=context.device)).float()
     if plan.stats is not None:
         plan.stats.record_forward(valid, ctx_len)
-    return ForwardContext(plan, model.gate_bank if plan.apply_gates else None, valid, ctx_len, None)
+    return ForwardContext(plan, model.gate_bank if plan.apply_gates else None, valid, ctx_len, None, decode_step=t == 1)
 
 
 def warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:

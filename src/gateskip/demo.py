@@ -34,6 +34,7 @@ from rich.table import Table
 from . import checkpoint
 from .allocation import allocation_budget, describe, plot as plot_allocations, search, store
 from .analysis import SUMMARY as ANALYSIS_SUMMARY, analyze, sample_sequences
+from .bench import decode_speed, prefill_speed
 from .baselines import make_method
 from .calibrate import calibrate_allocation, ratio_key, sample_tokens
 from .corpus import split_documents, write_jsonl
@@ -47,7 +48,6 @@ from .plan import SkipPlan
 from .proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, TARGETS as PROXY_TARGETS, greedy_continuations, interpolate, plot as plot_proxy
 from .proxy import run_proxy, table as proxy_table
 from .stats import SkipStats
-from .timing import time_interleaved
 from .train import TrainConfig, train
 from .validate import check_output_folder, integer, read_json
 
@@ -401,44 +401,10 @@ def stage_samples(job: Job, model, tokenizer, search_blocks) -> list[dict]:
     return rows
 
 
-def _prefill(model, ids: torch.Tensor, targets, rounds: int) -> dict:
-    dims, config = ModelDims.from_config(model.config), model.gate_bank.config
-    runs = {"ungated": lambda: model(ids, logits_to_keep=1)}
-    saving = {}
-    for t in targets:
-        budget, stats = allocation_budget(model, t), SkipStats()
-        model(ids, skip_plan=SkipPlan(budget=budget, stats=stats), logits_to_keep=1)
-        saving[t] = flop_report(stats, dims, config)
-        runs[f"{t:g}"] = lambda b=budget: model(ids, skip_plan=SkipPlan(budget=b), logits_to_keep=1)
-    times = time_interleaved(runs, rounds=rounds)
-    ungated = times["ungated"]
-    rows = [{"target": None, "seconds": ungated, "tokens_per_s": ids.numel() / ungated, "speedup": 1.0}]
-    for t in targets:
-        sec = times[f"{t:g}"]
-        rows.append({"target": t, "seconds": sec, "tokens_per_s": ids.numel() / sec, "speedup": ungated / sec,
-                     "net_saving": saving[t].net_saving, "ideal_speedup": 1 / (1 - saving[t].net_saving)})
-    return {"batch": list(ids.shape), "rows": rows}
-
-
-def _decode(model, tokenizer, targets, new_tokens: int, rounds: int) -> dict:
-    ids = tokenizer(DECODE_PROMPT, return_tensors="pt")["input_ids"]
-    kw = {**_greedy(tokenizer, new_tokens), "min_new_tokens": new_tokens}
-    runs = {"ungated": lambda: model.generate(ids, **kw)}
-    for t in targets:
-        runs[f"{t:g}"] = lambda t=t: generate(model, ids, budget=t, **kw)
-    times = time_interleaved(runs, rounds=rounds)
-    rows = [{"target": None, "tokens_per_s": new_tokens / times["ungated"], "speedup": 1.0}]
-    for t in targets:
-        gen = generate(model, ids, budget=t, **kw)
-        sec = times[f"{t:g}"]
-        rows.append({"target": t, "tokens_per_s": new_tokens / sec, "speedup": times["ungated"] / sec,
-                     "net_saving": reports(model, gen.prefill, gen.decode)["decoding"].net_saving})
-    return {"prompt": DECODE_PROMPT, "new_tokens": new_tokens, "rows": rows}
-
-
 def stage_speed(job: Job, model, tokenizer, heldout: Path) -> dict:
     """Wall-clock prefill (physical skipping, allocation quantiles) and greedy decoding (calibrated
-    thresholds) against the ungated model, interleaved rounds."""
+    thresholds, gateskip.decoding; self-speculative drafting at the smallest target) against the
+    ungated model and HF generate, interleaved rounds (gateskip.bench)."""
     s = job.sizes
     path = job.out / "speed.json"
     with job.stage("speed", reused=job.reusable(path)):
@@ -448,9 +414,12 @@ def stage_speed(job: Job, model, tokenizer, heldout: Path) -> dict:
         targets = (0.0, *s.targets)
         with torch.inference_mode():
             job.console.print(f"prefill: batch {ids.shape[0]} x {ids.shape[1]} tokens, {s.rounds} interleaved rounds")
-            result = {"threads": torch.get_num_threads(), "prefill": _prefill(model, ids, targets, s.rounds)}
-            job.console.print(f"decoding: {s.decode_tokens} new tokens, batch 1, greedy")
-            result["decode"] = _decode(model, tokenizer, targets, s.decode_tokens, s.rounds)
+            result = {"threads": torch.get_num_threads(), "prefill": prefill_speed(model, ids, targets, s.rounds)}
+            job.console.print(f"decoding: {s.decode_tokens} new tokens, batch 1, greedy (gateskip bench)")
+            prompt = tokenizer(DECODE_PROMPT, return_tensors="pt")["input_ids"]
+            result["decode"] = {"prompt": DECODE_PROMPT, **decode_speed(
+                model, prompt, None, targets, s.decode_tokens, s.rounds, speculative=min(s.targets),
+                pad=tokenizer.eos_token_id)}
         job.write_json(path.name, result)
     return result
 
@@ -704,6 +673,10 @@ def _speed_md(speed: dict) -> list[str]:
            "| decode target | tokens/s | speedup | net FLOP saving per decoded token |", "|---|---|---|---|"]
     md += [f"| {label(r)} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_pct(r.get('net_saving'))} |"
            for r in speed["decode"]["rows"]]
+    spec = speed["decode"].get("speculative")
+    if spec:
+        md += [f"| self-speculative, drafts at {spec['draft_target']:g} | {spec['tokens_per_s']:.1f} | {spec['speedup']:.2f}x | "
+               f"{100 * spec['acceptance']:.0f}% of drafts accepted, {spec['tokens_per_pass']:.2f} tokens per verify pass |"]
     return md + [""]
 
 

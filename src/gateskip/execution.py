@@ -79,8 +79,6 @@ def attention_physical(
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx, kwargs=cache_kwargs)
 
-    if t == 1:
-        return _one_query_rows(attn, x, keep, cos, sin, k, v, attention_mask)
     index, slot_valid = pack_per_sequence(keep, capacity)
     if index.shape[1] == 0:
         return None
@@ -95,49 +93,67 @@ def attention_physical(
     return attn.o_proj(out), index, slot_valid
 
 
-def _kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
-    """Rows (B,) of a one-token step that keep their token: None when all do (no gather needed)."""
-    rows = keep[:, 0].nonzero().squeeze(1)  # waits for the device: the row count sizes the work
-    return None if rows.numel() == keep.shape[0] else rows
-
-
-def _scatter_rows(y: torch.Tensor, rows: torch.Tensor | None, keep: torch.Tensor):
-    """Outputs (N, 1, d) of the kept rows as the packed layout of a one-token step: (B, 1, d), index 0, keep."""
-    if rows is not None:
-        y = y.new_zeros(keep.shape[0], 1, y.shape[-1]).index_copy_(0, rows, y)
-    return y, torch.zeros_like(keep, dtype=torch.long), keep
-
-
-def _one_query_rows(attn: nn.Module, x, keep, cos, sin, k, v, mask):
-    """A decode step (one token per row): queries of the kept rows only, each attending to its
-    own row of the cache. With no mask (batch 1, no padding) the one query sees every key it
-    is given (the cache hands a sliding layer only its window), so no mask is built."""
-    if not bool(keep.any()):
-        return None
-    rows = _kept_rows(keep)
-    if rows is not None:
-        x, cos, sin, k, v = (a.index_select(0, rows) for a in (x, cos, sin, k, v))
-        mask = None if mask is None else mask.index_select(0, rows)
-    q = _heads(attn.q_proj(x), attn.head_dim)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    q = _rope(q, cos, sin)
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask == 0  # additive float mask: 0 where attending
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    return _scatter_rows(attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1)), rows, keep)
-
-
 def branch_physical(branch: nn.Module, x: torch.Tensor, keep: torch.Tensor, capacity: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A token-wise branch (MLP) on kept tokens only, in the packed layout (B, K, d); in a decode
-    step (one token per row) on the kept rows only."""
-    if x.shape[1] == 1:
-        if not bool(keep.any()):
-            return None
-        rows = _kept_rows(keep)
-        return _scatter_rows(branch(x if rows is None else x.index_select(0, rows)), rows, keep)
+    """A token-wise branch (MLP) on kept tokens only, in the packed layout (B, K, d)."""
     index, slot_valid = pack_per_sequence(keep, capacity)
     if index.shape[1] == 0:
         return None
     return branch(gather_packed(x, index)), index, slot_valid
+
+
+# Decode steps: one token per row. A batch's rows skip different modules, so a module runs
+# on the rows that keep it (gathered), as prefill runs it on the kept tokens.
+
+
+def kept_rows(keep: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows (N,) of a one-token step that run a module; None when every row does (no gather)."""
+    if keep is None:
+        return None
+    rows = keep[:, 0].nonzero().squeeze(1)  # waits for the device: the row count sizes the work
+    return None if rows.numel() == keep.shape[0] else rows
+
+
+def _scatter_rows(y: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """(N, 1, d) outputs of the kept rows -> (B, 1, d), zero in the rows that skipped."""
+    return y if rows is None else y.new_zeros(batch, 1, y.shape[-1]).index_copy_(0, rows, y)
+
+
+def attention_step(attn: nn.Module, x: torch.Tensor, rows: torch.Tensor | None,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
+                   cache, cache_kwargs: dict) -> torch.Tensor | None:
+    """Attention of a decode step, (B, 1, d), for the kept `rows` (None: all; none: only K/V).
+
+    Every row's K/V go into the cache (design.md section 1); each kept query attends to its own
+    row of the cache. With no mask (batch 1, no padding) one query sees every key the cache
+    hands it (a sliding layer gets only its window), so no mask is built.
+    """
+    b, hd = x.shape[0], attn.head_dim
+    cos, sin = (p.expand(b, -1, -1) for p in position_embeddings)
+    k = _heads(attn.k_proj(x), hd)
+    v = _heads(attn.v_proj(x), hd)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k, v = cache.update(_rope(k, cos, sin), v, attn.layer_idx, kwargs=cache_kwargs)
+    if rows is not None:
+        if rows.numel() == 0:
+            return None
+        x, cos, sin, k, v = (a.index_select(0, rows) for a in (x, cos, sin, k, v))
+        attention_mask = None if attention_mask is None else attention_mask.index_select(0, rows)
+    q = _heads(attn.q_proj(x), hd)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = _rope(q, cos, sin)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0  # additive float mask: 0 where attending
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=True)
+    return _scatter_rows(attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1)), rows, b)
+
+
+def branch_step(branch: nn.Module, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """A token-wise branch (MLP) of a decode step, (B, 1, d), on the kept `rows` only."""
+    if rows is None:
+        return branch(x)
+    if rows.numel() == 0:
+        return None
+    return _scatter_rows(branch(x.index_select(0, rows)), rows, x.shape[0])

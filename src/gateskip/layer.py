@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .execution import attention_physical, branch_physical
+from .execution import attention_physical, attention_step, branch_physical, branch_step, kept_rows
 from .plan import Decision, ForwardContext
 from .tokens import gather_packed, scatter_add_packed
 
@@ -33,7 +33,7 @@ def branch_norms(layer: nn.Module) -> dict[str, tuple[nn.Module, nn.Module | Non
 
 
 def _add_dense(h: torch.Tensor, out: torch.Tensor, d: Decision, out_norm: nn.Module | None) -> torch.Tensor:
-    """Every token was computed; skipped ones (masked execution) contribute nothing."""
+    """Outputs of every token (masked execution) or row (decode step, zero where skipped); skipped ones add nothing."""
     if out_norm is not None:
         out = out_norm(out)
     if d.scale is not None:
@@ -68,6 +68,7 @@ class GatedLayerMixin:
         layer = self.self_attn.layer_idx
         norms = branch_norms(self)
         h = hidden_states
+        step = skip_ctx.decode_step and skip_ctx.physical  # one token per row: run modules on their kept rows
 
         # Attention branch (a removed one still computes keys and values where a cache wants them)
         norm_in, norm_out = norms["attn"]
@@ -75,6 +76,9 @@ class GatedLayerMixin:
         d = skip_ctx.decide("attn", layer, x, needs_keys=cache is not None)
         if d.removed and cache is None:
             pass
+        elif step:
+            out = attention_step(self.self_attn, x, kept_rows(d.keep), position_embeddings, attention_mask, cache, kwargs)
+            h = h if out is None else _add_dense(h, out, d, norm_out)
         elif d.packed or d.removed:
             result = attention_physical(self.self_attn, x, d.keep, position_embeddings, attention_mask, cache, kwargs,
                                         d.capacity)
@@ -90,6 +94,9 @@ class GatedLayerMixin:
         d = skip_ctx.decide("mlp", layer, x)
         if d.removed:
             pass
+        elif step:
+            out = branch_step(self.mlp, x, kept_rows(d.keep))
+            h = h if out is None else _add_dense(h, out, d, norm_out)
         elif d.packed:
             h = _add_packed(h, branch_physical(self.mlp, x, d.keep, d.capacity), d, norm_out)
         else:

@@ -102,6 +102,9 @@ class ForwardContext:
     context: torch.Tensor  # (B, T) float: keys each query attends to (for FLOP accounting)
     protect: torch.Tensor | None  # (B, T) bool: tokens that are never skipped
     counts: tuple[list[int], list[int]] | None = None  # per sequence (real, protected) tokens, when known ahead
+    # A step of gateskip.decoding: one token per row attending to its cache; every module runs on the
+    # rows that keep it, through gateskip.execution's step functions (HF's attention is not called).
+    decode_step: bool = False
 
     @classmethod
     def build(
