@@ -1,6 +1,5 @@
 """Gate analysis: statistics on hand-made cases, and the plots and summary on a tiny model."""
 
-import argparse
 import json
 
 import pytest
@@ -10,8 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates
 from gateskip.analysis import (
     CLASSES, PLOTS, STATS, SUMMARY, GateRecord, _layer_ranges, analyze, anchor_finding, class_keep_rates, class_means, classify,
-    collect, first_token_rank, register, token_class,
+    collect, first_token_rank, token_class,
 )
+from gateskip.cli import main
 
 torch.set_num_threads(1)
 
@@ -155,12 +155,9 @@ def test_analyze_says_when_gates_are_untrained(tmp_path):
     assert not (tmp_path / PLOTS["thresholds"]).exists()  # nothing calibrated, no threshold plot
 
 
-def test_cli_rejects_bad_sizes(tmp_path):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["analyze", "smollm2-135m", "--out", str(tmp_path), "--sequences", "0"])
-    with pytest.raises(GateSkipError, match="--sequences"):
-        args.func(args)
+def test_cli_rejects_bad_sizes(tmp_path, capsys):
+    assert main(["analyze", "smollm2-135m", "--out", str(tmp_path), "--sequences", "0"]) == 2
+    assert "--sequences: must be at least 1" in capsys.readouterr().err
 
 
 def test_a_lead_in_the_mean_alone_is_no_anchor():

@@ -143,8 +143,8 @@ def test_a_folder_of_another_size_is_refused(tmp_path):
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["demo", "--threads", "0", "--out", str(tmp_path)]) == 2
-    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert "--threads: must be at least 1" in capsys.readouterr().err
     assert main(["demo", "--items", "0", "--out", str(tmp_path)]) == 2
-    assert "--items must be at least 1" in capsys.readouterr().err
+    assert "--items: must be at least 1" in capsys.readouterr().err
     assert main(["demo", "--gates", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
     assert "no gate file there" in capsys.readouterr().err

@@ -137,6 +137,9 @@ MISTAKES = [
      "--threads: must be at least 1"),
     ("demo --items -3", "demo --items -3 --out {out}",
      "--items: must be at least 1"),
+    ("bench --rounds 0", "bench {model} --rounds 0", "--rounds: must be at least 1"),
+    ("bench --budgets nan", "bench {model} --budgets nan", "--budgets: must be a finite number"),
+    ("tasks --tasks unknown", "tasks --tasks nosuch --out {out}", "unknown task 'nosuch'"),
     # sampling
     ("generate --temperature 0", "generate {model} --gates {gates} --prompt hi --sample --temperature 0",
      "--temperature: must be above 0"),
@@ -168,6 +171,7 @@ MISTAKES = [
      "--length of 100 tokens exceeds"),
     ("train --seq-len 100", "train {model} --data {text} --out {out} --seq-len 100",
      "seq len 100 exceeds the model's context of 64"),
+    ("bench --prefill 1 100", "bench {model} --prefill 1 100 --threads 1", "--prefill LENGTH of 100 tokens exceeds"),
     ("generate long prompt", "generate {model} --gates {gates} --prompt " + "a" * 80,
      "the prompt has 80 tokens"),
     # input paths
@@ -198,6 +202,7 @@ MISTAKES = [
      "is a file"),
     ("demo --out is a file", "demo --quick --model {model} --out {a_file}",
      "is a file"),
+    ("tasks --out is a file", "tasks --tasks arc_easy --out {a_file}", "is a file"),
     ("allocate --plot is a folder", "allocate {model} --gates {gates} --show --plot {gates}",
      "is a folder; give a file name"),
     # text encodings, compression, JSON lines

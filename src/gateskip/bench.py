@@ -21,12 +21,12 @@ import torch
 from .allocation import allocation_budget
 from .budget import QuantileBudget
 from .calibrate import ratio_key
-from .errors import GateSkipError
 from .flops import ModelDims, flop_report
 from .generation import decode_budget, reports
 from .plan import SkipPlan
 from .stats import SkipStats
 from .timing import time_interleaved
+from .validate import existing_path, fits_context, integer, ratio, real
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -155,17 +155,17 @@ def print_decode(result: dict) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="prefill and decoding speed on this machine: ungated, budget 0, budgets, speculative")
     p.add_argument("model", help="bundled model name, local folder or hub id")
-    p.add_argument("--gates", help="gate file or folder; default: fresh low-rank gates (speed only, the text is meaningless)")
-    p.add_argument("--budgets", type=float, nargs="+", default=None,
+    p.add_argument("--gates", type=existing_path, help="gate file or folder; default: fresh low-rank gates (speed only, the text is meaningless)")
+    p.add_argument("--budgets", type=ratio, nargs="+", default=None,
                    help="skip budgets (net saving targets when the gates store allocations); default 0.1 0.2 0.3 "
                         "with allocations, else 0.25 0.5")
-    p.add_argument("--speculative", type=float, default=None, metavar="BUDGET",
+    p.add_argument("--speculative", type=real(-1.0, 1.0), default=None, metavar="BUDGET",
                    help="draft budget for self-speculative decoding (default: the smallest budget; -1 leaves it out)")
-    p.add_argument("--prefill", type=int, nargs=2, default=[4, 512], metavar=("BATCH", "LENGTH"))
-    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per row when decoding")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the batched decoding run (0 leaves it out)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is kept)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
+    p.add_argument("--prefill", type=integer(1), nargs=2, default=[4, 512], metavar=("BATCH", "LENGTH"))
+    p.add_argument("--new-tokens", type=integer(1), default=64, help="greedy tokens per row when decoding")
+    p.add_argument("--batch", type=integer(0), default=8, help="batch size of the batched decoding run (0 leaves it out)")
+    p.add_argument("--rounds", type=integer(1), default=3, help="interleaved timing rounds (the median is kept)")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: the free cores)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
@@ -202,11 +202,10 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import add_gates, load_gates
 
-    if args.rounds < 1 or args.new_tokens < 1 or args.batch < 0 or min(args.prefill) < 1:
-        raise GateSkipError("--rounds, --new-tokens and --prefill must be at least 1, --batch at least 0")
     threads, why = choose_threads(args.threads)
     torch.set_num_threads(threads)
     model, tokenizer = load_model(args.model)
+    fits_context(model, args.prefill[1], "--prefill LENGTH")
     if args.gates:
         load_gates(model, args.gates)
         what = f"gates {args.gates}"

@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import cache_root
     from .sweep import parse_list
 
+    from ..validate import check_output_folder
+
     names = parse_list(args.tasks, "task", tuple(BUNDLED_TASKS))
-    print(render_tasks(names, args.out or cache_root() / "tasks"))  # alone on stdout, for $(gateskip tasks)
+    print(render_tasks(names, check_output_folder(args.out or cache_root() / "tasks")))  # alone on stdout, for $(gateskip tasks)
     return 0
