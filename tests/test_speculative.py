@@ -84,24 +84,27 @@ def test_says_when_the_context_ends_first():
     assert not speculative_generate(model, ids[:, :100], budget=0.5, k=4, max_new_tokens=20).context_full
 
 
-def test_verify_passes_see_exactly_the_full_compute_cache():
+def test_verify_passes_see_exactly_the_full_compute_cache(monkeypatch):
     """Every verify pass gives the logits of a full forward without cache: draft K/V never leak."""
+    from gateskip import decoding
+
     model = calibrated("llama")
     ids, _ = random_prompts([6], seed=11)
     verified = []
+    step = decoding.Stepper.__call__
 
-    def record(module, args, kwargs, output):
-        if kwargs["skip_plan"].budget is None:
-            inputs = args[0] if args else kwargs["input_ids"]
-            verified.append((kwargs["cache"].get_seq_length(), inputs[0].tolist(), output.logits[0]))
+    def record(self, tokens, positions, ctx, key_valid=None, logits_to_keep=1):
+        logits = step(self, tokens, positions, ctx, key_valid, logits_to_keep)
+        if ctx.plan.budget is None:
+            verified.append((self.cache.length, tokens[0].tolist(), logits[0]))
+        return logits
 
-    handle = model.register_forward_hook(record, with_kwargs=True)
+    monkeypatch.setattr(decoding.Stepper, "__call__", record)
     result = speculative_generate(model, ids, budget=0.5, k=4, max_new_tokens=24)
-    handle.remove()
     final = result.sequences[0].tolist()
     with torch.no_grad():
         reference = model(result.sequences, skip_plan=SkipPlan(budget=None), use_cache=False).logits[0]
-    rows = 0
+    rows = 1  # the prefill's token
     for length, inputs, logits in verified:
         start = length - len(inputs)  # position of the first input token
         for i, row in enumerate(logits):
@@ -111,7 +114,21 @@ def test_verify_passes_see_exactly_the_full_compute_cache():
             assert torch.allclose(row, reference[pos], atol=1e-4, rtol=0), pos
             rows += 1
     assert rows == result.new_tokens  # every kept token was chosen from a checked row
-    assert len(verified) == result.passes and result.passes < result.new_tokens
+    assert len(verified) + 1 == result.passes and result.passes < result.new_tokens
+
+
+def test_draft_length_follows_measured_acceptance_and_cost():
+    from gateskip.speculative import DraftLength
+
+    good = DraftLength(k=2, max_k=8)
+    for _ in range(20):  # drafts accepted 90 % of the time at a fifth of a verify pass
+        good.update(drafted=5, accepted=4 if _ % 2 else 5, draft_seconds=5 * 0.02, verify_seconds=0.1)
+    assert good.next() >= 4
+    bad = DraftLength(k=2, max_k=8)
+    for _ in range(20):  # drafts that are rarely right and nearly as dear as the full model
+        bad.update(drafted=2, accepted=0, draft_seconds=2 * 0.09, verify_seconds=0.1)
+    picks = [bad.next() for _ in range(2 * DraftLength.PROBE_EVERY)]
+    assert picks.count(0) > len(picks) - 3 and 1 in picks  # plain decoding, with a probe now and then
 
 
 def exact_joint(model, prompt, vocab, steps, plan):

@@ -8,24 +8,31 @@ with, and take the full model's next token after it. Greedy output is therefore 
 full-compute greedy output; sampling uses the standard rejection rule (Leviathan et
 al. 2023), so samples follow the full model's distribution.
 
-Draft and verify share one KV cache. Draft steps write K/V computed from skipped
-hidden states, so before verifying, the cache is cropped back to the last position the
-full model wrote; the verify pass rewrites those positions at full compute, and after
-acceptance the cache is cropped to the accepted tokens. The cache therefore only ever
-holds full-compute K/V when a draft starts. Sliding-window layers keep only the last
-window of K/V, so after the prefill the cache records past states (HF's
-`activate_past_recording`, as HF's assisted decoding does): a layer then keeps what a
-draft step pushed out of its window until the next crop, and a crop can roll back.
+Draft and verify share one preallocated KV cache (gateskip.decoding.StaticKV). Draft steps
+write K/V computed from skipped hidden states, so before verifying, the cache is rolled
+back to the last position the full model wrote (one assignment of its length); the verify
+pass rewrites those positions at full compute, and after acceptance the cache is rolled
+back to the accepted tokens. The cache therefore only ever holds full-compute K/V when a
+draft starts. A sliding-window layer is handed its window from the same buffer, so rolling
+back needs nothing of HF's sliding-window cache layers.
+
+Adaptive drafting (`adaptive=True`) picks each round's draft length from what it has
+measured: the acceptance rate and the wall time of a draft step and of a verify pass. A
+draft of k tokens is expected to yield (1 - a^(k+1)) / (1 - a) tokens at a cost of k draft
+steps and one verify pass; the length with the most tokens per second wins, and k = 0
+(plain full-compute decoding) wins when no draft pays, with a probe of k = 1 now and then
+to keep the estimate fresh.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .budget import ThresholdBudget
+from .budget import AllocationBudget, ThresholdBudget
+from .decoding import Chooser, Stepper, prefill, step_context
 from .errors import GateSkipError
 from .flops import ModelDims, flop_report
 from .generation import check_prompt, combine, decode_budget
@@ -72,43 +79,45 @@ class SpeculativeResult:
         )
 
 
-def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
+class DraftLength:
+    """The draft length that maximises expected tokens per second, from measured acceptance and costs.
+
+    a: acceptance rate of drafted tokens (counts with a weak prior, older rounds fading);
+    draft and verify: mean seconds of one draft step and of one verify pass.
+    """
+
+    PROBE_EVERY = 8  # rounds at k = 0 before a k = 1 probe
+
+    def __init__(self, k: int, max_k: int, decay: float = 0.9):
+        self.k, self.max_k, self.decay = k, max_k, decay
+        self.drafted, self.accepted = 2.0, 1.0  # prior: half accepted, worth two drafts
+        self.draft = self.verify = None
+        self.idle = 0
+
+    def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        if drafted:
+            self.drafted = self.decay * self.drafted + drafted
+            self.accepted = self.decay * self.accepted + accepted
+            step = draft_seconds / drafted
+            self.draft = step if self.draft is None else 0.8 * self.draft + 0.2 * step
+        self.verify = verify_seconds if self.verify is None else 0.8 * self.verify + 0.2 * verify_seconds
+
+    def expected_rate(self, k: int) -> float:
+        """Expected tokens per second of a round drafting k tokens."""
+        a = min(self.accepted / self.drafted, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a) / (k * (self.draft or 0.0) + self.verify)
+
+    def next(self) -> int:
+        if self.verify is None or self.draft is None:
+            return self.k  # nothing measured yet: the caller's k
+        best = max(range(self.max_k + 1), key=self.expected_rate)
+        self.idle = self.idle + 1 if best == 0 else 0
+        if best == 0 and self.idle % self.PROBE_EVERY == 0:
+            return 1
+        return best
 
 
-class _Chooser:
-    """Turns logits into tokens: argmax when greedy, else a sample from the warped
-    distribution (which is also what the rejection rule compares)."""
-
-    def __init__(self, do_sample: bool, warpers: LogitsProcessorList, generator: torch.Generator | None):
-        self.do_sample, self.warpers, self.generator = do_sample, warpers, generator
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, V) logits -> (N, V) probabilities after temperature / top-k / top-p."""
-        return torch.softmax(self.warpers(None, logits.float()), dim=-1)
-
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(token (N,), its distribution (N, V) or None when greedy)."""
-        if not self.do_sample:
-            return logits.argmax(-1), None
-        probs = self.probs(logits)
-        return self.sample(probs), probs
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator))
-
-
-def _accept(chooser: _Chooser, drafts: list[int], draft_probs: list, logits: torch.Tensor) -> list[int]:
+def _accept(chooser: Chooser, drafts: list[int], draft_probs: list, logits: torch.Tensor) -> list[int]:
     """Tokens to keep after one verify pass: the accepted drafts plus one full-model token.
 
     logits (k+1, V) are the full model's predictions after the last accepted token and
@@ -128,17 +137,6 @@ def _accept(chooser: _Chooser, drafts: list[int], draft_probs: list, logits: tor
     return drafts + [int(chooser.sample(p[-1]))]
 
 
-def _forward(model, tokens: list[int] | torch.Tensor, cache: DynamicCache, plan: SkipPlan, keep: int = 1) -> torch.Tensor:
-    ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor([tokens], device=_device(model))
-    return model(ids, cache=cache, use_cache=True, skip_plan=plan, logits_to_keep=keep).logits[0]
-
-
-def _truncate(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of every layer (crop takes minus the number to remove;
-    crop(0) still trims a recording sliding-window layer back to its window)."""
-    cache.crop(length - cache.get_seq_length())
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -147,7 +145,7 @@ def _device(model) -> torch.device:
 def speculative_generate(
     model,
     input_ids: torch.Tensor,
-    budget: float | ThresholdBudget,
+    budget: float | ThresholdBudget | AllocationBudget,
     k: int = 4,
     max_new_tokens: int = 128,
     do_sample: bool = False,
@@ -156,15 +154,15 @@ def speculative_generate(
     top_p: float | None = None,
     eos_token_id: int | list[int] | None = None,
     adaptive: bool = False,
-    max_k: int = 16,
+    max_k: int = 8,
     streamer=None,
     generator: torch.Generator | None = None,
 ) -> SpeculativeResult:
     """Generate up to max_new_tokens for one prompt (1, T), drafting k tokens at a time at
-    `budget` (a calibrated ratio or a ThresholdBudget).
+    `budget` (a calibrated ratio, a net-saving target of stored allocations, or a budget).
 
-    adaptive: grow k by one after a fully accepted draft, shrink it by one after a
-    rejection (between 1 and max_k). generator: for sampling, on the model's device.
+    adaptive: choose each round's draft length (0 to max_k) from measured acceptance and
+    costs (DraftLength), starting at k. generator: for sampling, on the model's device.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise GateSkipError(f"self-speculative decoding takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
@@ -173,43 +171,52 @@ def speculative_generate(
         raise GateSkipError(f"draft length k must be an integer >= 1, got {k!r}")
     if max_new_tokens < 1:
         raise GateSkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise GateSkipError(f"temperature must be positive when sampling, got {temperature}")
+    chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
     draft_budget = decode_budget(model, budget)
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    context = getattr(model.config, "max_position_embeddings", None) or input_ids.shape[1] + max_new_tokens
-    limit = min(max_new_tokens, context - input_ids.shape[1])
-    chooser = _Chooser(do_sample, _warpers(temperature, top_k, top_p), generator)
+    n = input_ids.shape[1]
+    context = getattr(model.config, "max_position_embeddings", None) or n + max_new_tokens
+    limit = min(max_new_tokens, context - n)
+    lengths = DraftLength(k, max(max_k, k)) if adaptive else None
 
-    result = SpeculativeResult(input_ids, input_ids.shape[1])
+    result = SpeculativeResult(input_ids, n)
     draft = SkipPlan(budget=draft_budget, stats=result.draft_stats)
     full = SkipPlan(budget=None, stats=result.verify_stats)
-    cache = DynamicCache(config=model.config)
+    device = _device(model)
+    logits, cache = prefill(model, input_ids.to(device), None, full, n + limit + 1)
+    step = Stepper(model, cache)
+
+    def forward(plan: SkipPlan, tokens: list[int], keep: int = 1) -> torch.Tensor:
+        t, pos = len(tokens), cache.length
+        positions = torch.arange(pos, pos + t, device=device)[None]
+        ctx = step_context(plan, model, 1, t, torch.tensor([pos], device=device))
+        return step(torch.tensor([tokens], device=device), positions, ctx, logits_to_keep=keep)[0]
+
     if streamer is not None:
         streamer.put(input_ids.cpu())
-
-    token, _ = chooser.pick(_forward(model, input_ids.to(_device(model)), cache, full))
-    cache.activate_past_recording()  # after the prefill: a long prompt is not kept beyond the window
+    token, _ = chooser.pick(logits)
     new = [int(token[0])]
     result.passes = 1
     if streamer is not None:
         streamer.put(torch.tensor(new))
     while len(new) < limit and new[-1] not in stops:
-        written = cache.get_seq_length()  # every token but the last, all at full compute
+        written = cache.length  # every token but the last, all at full compute
         steps = min(k, limit - len(new))
         drafts, draft_probs, last = [], [], new[-1]
+        start = time.perf_counter()
         for _ in range(steps):
-            token, probs = chooser.pick(_forward(model, [last], cache, draft))
+            token, probs = chooser.pick(forward(draft, [last]))
             last = int(token[0])
             drafts.append(last)
             draft_probs.append(None if probs is None else probs[0])
-        _truncate(cache, written)  # drop K/V computed from skipped hidden states
-        logits = _forward(model, [new[-1]] + drafts, cache, full, keep=steps + 1)
-        kept = _accept(chooser, drafts, draft_probs, logits)
-        _truncate(cache, written + len(kept))  # K/V of the rejected drafts go; the new last token is not in yet
-        all_accepted = len(kept) == steps + 1
+        cache.length = written  # drop K/V computed from skipped hidden states
+        drafted_at = time.perf_counter()
+        kept = _accept(chooser, drafts, draft_probs, forward(full, [new[-1]] + drafts, keep=steps + 1))
+        verified_at = time.perf_counter()
+        cache.length = written + len(kept)  # K/V of the rejected drafts go; the new last token is not in yet
+        accepted = len(kept) - 1
         result.drafted += steps
-        result.accepted += len(kept) - 1
+        result.accepted += accepted
         result.passes += 1
         for i, t in enumerate(kept):  # stop at the first stop token
             if t in stops:
@@ -219,8 +226,9 @@ def speculative_generate(
         new += kept
         if streamer is not None:
             streamer.put(torch.tensor(kept))
-        if adaptive:
-            k = min(k + 1, max_k) if all_accepted else max(k - 1, 1)
+        if lengths is not None:
+            lengths.update(steps, accepted, drafted_at - start, verified_at - drafted_at)
+            k = lengths.next()
     if streamer is not None:
         streamer.end()
     result.context_full = len(new) == limit < max_new_tokens and new[-1] not in stops
