@@ -1,4 +1,4 @@
-"""A forward-only objective for unit gates: rank tokens by what each branch does to them.
+"""Local objectives for unit gates: rank tokens by what each branch does to them.
 
 Unit gates only rank tokens (the kept outputs enter unscaled), so a gate needs to know,
 from its branch input alone, how much the branch would change a token's residual stream.
@@ -10,6 +10,13 @@ and each gate regresses its importance onto the within-batch percentile of that 
 (only the order matters: budgets take quantiles, thresholds are calibrated). No backward
 pass through the model is needed, so a step costs one forward plus the gates' own work.
 The first real token of every sequence (the attention sink) is given the top percentile.
+
+The attribution target measures what the loss needs instead of how large the output is:
+scaling each branch output by (1 + z) and taking dLM/dz at z = 0 in one forward and backward
+of the base gives, for every token and module at once, the first-order change of the LM loss
+(on the token and every later one) when that output is removed, `-<dL/dh, o>`:
+
+    attribution[t, m] = -dL/dz[t, m]      (removal raises the loss by about this much)
 """
 
 from __future__ import annotations
@@ -42,8 +49,7 @@ def branch_influence(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, 
             if bank.get(branch, i) is None:
                 continue
             handles.append(norm_in.register_forward_hook(capture((branch, i), take_input=True)))
-            module = norm_out if norm_out is not None else (layer.self_attn if branch == "attn" else layer.mlp)
-            handles.append(module.register_forward_hook(capture((branch, i))))
+            handles.append(_output_module(layer, branch, norm_out).register_forward_hook(capture((branch, i))))
     try:
         model(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     finally:
@@ -57,6 +63,55 @@ def branch_influence(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, 
     return found
 
 
+def _output_module(layer, branch: str, norm_out):
+    """The module whose output is what the branch adds to the residual stream."""
+    return norm_out if norm_out is not None else (layer.self_attn if branch == "attn" else layer.mlp)
+
+
+def branch_attribution(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module key: (branch input x (B, T, d), attribution (B, T))} from one forward and backward
+    of the base model (activations only: the backbone stays frozen)."""
+    bank: GateBank = model.gate_bank
+    inputs, probes, handles = {}, {}, []
+
+    def capture(key):
+        def hook(module, args, output):
+            inputs[key] = output.detach()
+        return hook
+
+    def probe(key):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            z = probes[key] = out.new_zeros(out.shape[:-1] + (1,), requires_grad=True)
+            out = out * (1 + z)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        return hook
+
+    for i, layer in enumerate(decoder_layers(model)):
+        for branch, (norm_in, norm_out) in branch_norms(layer).items():
+            if bank.get(branch, i) is None:
+                continue
+            key = f"{branch}.{i}"
+            handles.append(norm_in.register_forward_hook(capture(key)))
+            handles.append(_output_module(layer, branch, norm_out).register_forward_hook(probe(key)))
+    try:
+        with torch.enable_grad():
+            logits = model(ids, attention_mask=mask, use_cache=False).logits
+            labels = ids.masked_fill(~mask.bool(), -100)[:, 1:]
+            logits = logits[:, :-1].flatten(0, 1)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits, labels.flatten(), ignore_index=-100)
+            keys = list(probes)
+            grads = torch.autograd.grad(loss, [probes[k] for k in keys])
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (inputs[k], -g.squeeze(-1)) for k, g in zip(keys, grads)}
+
+
+TARGETS = {"influence": branch_influence, "attribution": branch_attribution}
+
+
 def percentiles(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Rank of each valid value among the valid ones, scaled to [0, 1] (0 elsewhere)."""
     flat = values.masked_fill(~valid, float("inf")).flatten()
@@ -66,15 +121,15 @@ def percentiles(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (rank.view_as(values) / max(n - 1, 1)).clamp(max=1.0) * valid
 
 
-def influence_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def influence_loss(model, ids: torch.Tensor, mask: torch.Tensor, target: str = "influence") -> torch.Tensor:
     """Mean over modules of the squared error between each gate's importance and the
-    percentile of its branch's influence, over real tokens."""
+    percentile of its branch's influence (or attribution), over real tokens."""
     valid = mask.bool()
     first = torch.zeros_like(valid)
     first[torch.arange(len(valid)), valid.int().argmax(1)] = True
     bank: GateBank = model.gate_bank
     losses = []
-    for key, (x, infl) in branch_influence(model, ids, mask).items():
+    for key, (x, infl) in TARGETS[target](model, ids, mask).items():
         target = torch.where(first, 1.0, percentiles(infl, valid))
         branch, layer = key.split(".")
         imp = importance(bank.get(branch, int(layer))(x))

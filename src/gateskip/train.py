@@ -52,7 +52,8 @@ from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
 MODES = ("full", "frozen", "lora")
-OBJECTIVES = ("lm", "influence")
+OBJECTIVES = ("lm", "influence", "attribution")
+LOCAL_OBJECTIVES = ("influence", "attribution")  # gates regress a measured target: frozen backbone, unit gates
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What a run writes into its folder: only overwrite replaces it.
@@ -74,7 +75,7 @@ class TrainConfig:
     gate_kind: str = "lowrank"
     rank: int = 32
     gate_application: str = "unit"  # "soft" scales kept outputs by the gates (the paper); "unit" keeps the base intact
-    objective: str = "lm"  # "lm": end-to-end losses below; "influence": gates regress branch influence (frozen, unit)
+    objective: str = "lm"  # "lm": end-to-end losses below; "influence"/"attribution": gates regress a target (frozen, unit)
     protect_first_token: bool = False
     init_gates: str | None = None  # start from this gate file (its gate options and allocations win)
     allocation: list[float] = field(default_factory=list)  # train under these stored allocations, in turn
@@ -125,8 +126,8 @@ class TrainConfig:
             raise GateSkipError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if not self.data:
             raise GateSkipError("no training data given")
-        if self.objective == "influence" and (self.mode != "frozen" or self.gate_application != "unit"):
-            raise GateSkipError("the influence objective trains unit gates on a frozen backbone: "
+        if self.objective in LOCAL_OBJECTIVES and (self.mode != "frozen" or self.gate_application != "unit"):
+            raise GateSkipError(f"the {self.objective} objective trains unit gates on a frozen backbone: "
                                 "use --mode frozen --gate-application unit")
         if self.allocation and (self.init_gates is None or self.objective != "lm"):
             raise GateSkipError("training under an allocation continues gates that have one: give --init-gates "
@@ -195,6 +196,14 @@ def _create_run_dir(cfg: TrainConfig, out: Path) -> None:
         raise GateSkipError(f"output folder {out} is not writable: {e.strerror or e}") from None
 
 
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl record; inf for a line a kill cut short (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """metrics.jsonl in the run folder (plus TensorBoard through accelerate when installed)."""
 
@@ -203,7 +212,7 @@ class MetricsLog:
         if accelerator.is_main_process:
             kept = []
             if resume_step > 0 and path.is_file():  # drop what the interrupted run logged after its checkpoint
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+                kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -237,7 +246,7 @@ def build_model(cfg: TrainConfig):
         base_copy = copy.deepcopy(model).requires_grad_(False).eval()
     # Influence targets are percentiles in [0, 1]: gates start in the middle, where the sigmoid
     # has a gradient, not almost open (a unit gate's start changes no output either way).
-    bias = 0.0 if cfg.objective == "influence" else GateConfig.init_bias
+    bias = 0.0 if cfg.objective in LOCAL_OBJECTIVES else GateConfig.init_bias
     if cfg.init_gates:
         load_gates(model, cfg.init_gates)
         missing = [t for t in cfg.allocation if ratio_key(t) not in model.gate_bank.allocations]
@@ -329,8 +338,8 @@ def _to_device(blocks: Blocks, device: torch.device) -> Blocks:
 def loss_terms(model, batch: Blocks, cfg: TrainConfig, skip: float | AllocationBudget, teacher) -> LossTerms:
     """Forward with masked skipping under `skip` (a ratio or an allocation) and every loss term
     (or the influence regression)."""
-    if cfg.objective == "influence":
-        loss = influence_loss(model, batch.input_ids, batch.attention_mask)
+    if cfg.objective in LOCAL_OBJECTIVES:
+        loss = influence_loss(model, batch.input_ids, batch.attention_mask, cfg.objective)
         zero = loss.new_zeros(())
         return LossTerms(loss, zero, zero, zero, zero)
     trace = GateTrace()
@@ -501,7 +510,7 @@ def train(cfg: TrainConfig) -> Path:
             log.write({"step": step, **metrics})
             _stop_if_not_finite(accelerator, model, metrics["loss"], step)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss' if cfg.objective == 'influence' else 'lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
+            bar.set_postfix(loss=f"{metrics['loss' if cfg.objective in LOCAL_OBJECTIVES else 'lm']:.3f}", sparsity=f"{metrics['sparsity']:.3f}",
                             gate=f"{metrics['mean_gate']:.3f}", skip=f"{metrics['skip_ratio']:.2f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             out_of_time = bool(cfg.max_minutes) and step < cfg.steps and _past(accelerator, deadline)
@@ -556,7 +565,9 @@ def register(subparsers) -> None:
                    help="unit: kept outputs enter unscaled, budget 0 is the base (default); soft: scaled by the gates (the paper)")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="lm: LM loss + sparsity (+ distillation) end to end; influence: gates regress each branch's "
-                        "measured influence, one forward per step (needs --mode frozen)")
+                        "measured influence ||o||/||h||, one forward per step; attribution: gates regress the first-order "
+                        "LM-loss change of removing each branch output, -<dL/dh, o>, one forward and backward "
+                        "(both need --mode frozen)")
     p.add_argument("--protect-first-token", action="store_true",
                    help="never skip the first token of a sequence (the attention sink); saved with the gates")
     p.add_argument("--init-gates", help="start from this gate file or folder: its gate options, thresholds and "
