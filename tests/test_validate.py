@@ -23,6 +23,7 @@ from gateskip.calibrate import sample_tokens
 from gateskip.cli import main
 from gateskip.config import GateConfig
 from gateskip.evaluation.sweep import RESULTS, sample_texts
+from gateskip.loading import load_model
 from gateskip.model import read_gate_file, save_gates
 from gateskip.textdata import read_documents
 from gateskip.train import TrainConfig
@@ -53,6 +54,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     (root / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
     (root / "rows.jsonl").write_text('["a list, not an object"]\n')
     (root / "a_file").write_text("not a folder")
+    (root / "damaged_dataset").mkdir()
+    (root / "damaged_dataset" / "dataset_info.json").write_text("{cut sh")
     (root / "finished" / "final").mkdir(parents=True)
     (root / "finished" / "metrics.jsonl").write_text('{"step": 1}\n')
     meta, tensors = read_gate_file(root / "gates")
@@ -214,6 +217,8 @@ MISTAKES = [
      "is damaged or not gzip"),
     ("train --data broken JSON line", "train {model} --data {broken_jsonl} --out {out} --seq-len 16",
      "broken.jsonl:2: not valid JSON"),
+    ("train --data damaged datasets folder", "train {model} --data {damaged_dataset} --out {out} --seq-len 16",
+     "is not a readable datasets folder"),
     ("train --data rows not objects", "train {model} --data {rows_jsonl} --out {out} --seq-len 16",
      "must be a JSON object"),
     ("calibrate --text binary", "calibrate {model} --gates {gates} --ratios 0.5 --text {binary} --length 16",
@@ -349,6 +354,13 @@ def run_refused(args: list, capsys, match: str) -> None:
     assert match in capsys.readouterr().err
 
 
+def test_the_api_refuses_a_device_this_machine_lacks(assets):
+    with pytest.raises(GateSkipError, match="unknown device 'banana'"):
+        load_model(str(assets["model"]), device="banana")
+    with pytest.raises(GateSkipError, match="does not exist|no cuda device"):
+        load_model(str(assets["model"]), device=f"cuda:{torch.cuda.device_count()}")
+
+
 def test_train_refuses_a_finished_run_and_overwrite_starts_it_over(assets, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", assets["model"], "--data", assets["text"], "--out", out, "--steps", "2", "--seq-len", "16",
@@ -364,6 +376,16 @@ def test_train_refuses_a_finished_run_and_overwrite_starts_it_over(assets, tmp_p
     (out / "checkpoints" / "step-00000099" / "trainer.json").write_text('{"step": 99}')
     run_ok([*args[:-2], "--save-every", "0", "--overwrite"])
     assert not (out / "checkpoints").exists() and (out / "final" / "gateskip.safetensors").is_file()
+
+
+def test_a_resume_survives_a_metrics_line_cut_short_by_a_kill(assets, tmp_path):
+    args = ["train", assets["model"], "--data", assets["text"], "--out", tmp_path, "--seq-len", "16",
+            "--batch-size", "2", "--save-every", "1"]
+    run_ok([*args, "--steps", "1"])
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "lo')  # killed while writing the next step's record
+    run_ok([*args, "--steps", "2", "--resume"])
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1] == 2
 
 
 def test_prune_refuses_its_source_and_a_model_folder_without_overwrite(assets, tmp_path, capsys):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # annotations only: importing it loads transformers' modellin
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gateskip.errors import GateSkipError
+from gateskip.validate import check_device
 from gateskip.model import GATE_FILE, load_gates
 
 __all__ = ["BUNDLED", "DEFAULT_SPEC", "cache_root", "load_model", "resolve_spec"]
@@ -237,6 +238,7 @@ def load_model(
     padding side is left as the model's authors chose. A folder written by `save_pretrained`
     of a gated model comes back with its gates (its gateskip.safetensors).
     """
+    check_device(device)
     target = resolve_spec(spec)
     is_local = Path(target).is_dir()
     try:

@@ -100,24 +100,39 @@ def text_source(text: str) -> str:
     return existing_path(text)
 
 
-def device(text: str) -> str:
-    """An argparse type: a torch device that this machine has (cpu, cuda, cuda:N, mps, ...)."""
+def _device_problem(text: str | torch.device) -> str | None:
+    """Why `text` is not a torch device this machine has, or None."""
     try:
         dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError):
+        return f"unknown device {str(text)!r}; use cpu, cuda, cuda:N or mps"
     if dev.type == "cpu":
-        return text
+        return None
     if dev.type == "mps":
         count = int(torch.backends.mps.is_available())
     else:
         backend = getattr(torch, dev.type, None)
         count = backend.device_count() if backend is not None and backend.is_available() else 0
     if count == 0:
-        raise argparse.ArgumentTypeError(f"this machine has no {dev.type} device (torch sees none); use cpu")
+        return f"this machine has no {dev.type} device (torch sees none); use cpu"
     if dev.index is not None and dev.index >= count:
-        raise argparse.ArgumentTypeError(f"{text} does not exist: this machine has {count} {dev.type} device(s)")
+        return f"{dev} does not exist: this machine has {count} {dev.type} device(s)"
+    return None
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device that this machine has (cpu, cuda, cuda:N, mps, ...)."""
+    problem = _device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def check_device(dev: str | torch.device) -> None:
+    """The Python API's form of `device`."""
+    problem = _device_problem(dev)
+    if problem:
+        raise GateSkipError(problem)
 
 
 # ---------------------------------------------------------------- checks needing more than one option
