@@ -63,7 +63,8 @@ class GatedCausalLMMixin:
         state_dict = self.state_dict() if state_dict is None else state_dict
         backbone = {k: v for k, v in state_dict.items() if not k.startswith("gate_bank.")}
         super().save_pretrained(save_directory, *args, state_dict=backbone, **kwargs)
-        save_gates(self, save_directory)
+        if kwargs.get("is_main_process", True):  # as HF: under several processes, one writes
+            save_gates(self, save_directory)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
