@@ -52,6 +52,37 @@ def _query_mask(mask: torch.Tensor | None, index: torch.Tensor, slot_valid: torc
     return (allowed | ~slot_valid[..., None]).unsqueeze(1)
 
 
+_compiled_flex = None
+
+
+def _flex(q, k, v, mask: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int,
+          scale: float) -> torch.Tensor:
+    """Kept queries through FlexAttention: the block mask comes from the kept positions (plain
+    causal: key <= the query's position) or, with a mask from the model (padding, windows),
+    from its gathered rows. Fully masked blocks are skipped and SDPA's fused kernels are not
+    lost to an explicit mask; compiled on a GPU (eager, unfused, elsewhere: tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    b, kq, keys = q.shape[0], q.shape[2], k.shape[2]
+    if mask is None:
+        pos = keys - length + index.masked_fill(~slot_valid, keys)  # padding slots see every key
+
+        def mask_mod(bi, h, qi, kv):
+            return kv <= pos[bi, qi]
+    else:
+        allowed = _query_mask(mask, index, slot_valid, length, keys)[:, 0]
+
+        def mask_mod(bi, h, qi, kv):
+            return allowed[bi, qi, kv]
+    block = create_block_mask(mask_mod, b, None, kq, keys, device=q.device)
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex(q, k, v, block_mask=block, scale=scale, enable_gqa=True)
+    return flex_attention(q, k, v, block_mask=block, scale=scale, enable_gqa=True)
+
+
 def attention_physical(
     attn: nn.Module,
     x: torch.Tensor,
@@ -61,11 +92,13 @@ def attention_physical(
     cache,
     cache_kwargs: dict,
     capacity: int | None = None,
+    kernel: str = "sdpa",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Attention output of kept tokens in the packed layout (B, K, d) with its index and slot
     mask (see tokens.pack_per_sequence), or None if no token is kept.
 
-    x is the branch input (B, T, d). K/V of all tokens go into the cache either way.
+    x is the branch input (B, T, d). K/V of all tokens go into the cache either way. kernel:
+    SkipPlan.attention.
     """
     b, t, _ = x.shape
     hd = attn.head_dim
@@ -87,8 +120,11 @@ def attention_physical(
         q = attn.q_norm(q)
     q = _rope(q, gather_packed(cos, index), gather_packed(sin, index))
 
-    mask = _query_mask(attention_mask, index, slot_valid, t, k.shape[2])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    if kernel == "flex" or (kernel == "auto" and q.is_cuda):
+        out = _flex(q, k, v, attention_mask, index, slot_valid, t, attn.scaling)
+    else:
+        mask = _query_mask(attention_mask, index, slot_valid, t, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
     out = out.transpose(1, 2).reshape(b, index.shape[1], -1)
     return attn.o_proj(out), index, slot_valid
 

@@ -81,7 +81,7 @@ class GatedLayerMixin:
             h = h if out is None else _add_dense(h, out, d, norm_out)
         elif d.packed or d.removed:
             result = attention_physical(self.self_attn, x, d.keep, position_embeddings, attention_mask, cache, kwargs,
-                                        d.capacity)
+                                        d.capacity, skip_ctx.plan.attention)
             h = _add_packed(h, result, d, norm_out)
         else:
             out, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,

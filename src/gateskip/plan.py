@@ -17,6 +17,7 @@ from .gates import GateBank, importance
 from .stats import SkipStats
 
 EXECUTIONS = ("masked", "physical")
+ATTENTIONS = ("auto", "sdpa", "flex")
 
 
 class GateTrace:
@@ -44,6 +45,9 @@ class SkipPlan:
         own setting (GateConfig.skip_bos).
     stats: filled in place with what was computed and skipped.
     trace: filled with gate values (used by the training losses).
+    attention: the kernel physical execution's kept queries attend with: "sdpa" (explicit
+        mask), "flex" (FlexAttention with a block mask from the kept positions, compiled on a
+        GPU), "auto" (flex on CUDA, else sdpa).
     """
 
     budget: Budget | float | None = None
@@ -52,9 +56,12 @@ class SkipPlan:
     skip_bos: bool | None = None
     stats: SkipStats | None = None
     trace: GateTrace | None = None
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         self.budget = as_budget(self.budget)
+        if self.attention not in ATTENTIONS:
+            raise GateSkipError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.execution not in EXECUTIONS:
             raise GateSkipError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.budget is not None and not self.apply_gates:

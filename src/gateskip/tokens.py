@@ -20,8 +20,11 @@ def pack_per_sequence(keep: torch.Tensor, capacity: int | None = None) -> tuple[
     from `keep` (one wait for the device).
     """
     counts = keep.sum(1)
-    k = (int(counts.max().item()) if keep.numel() else 0) if capacity is None else min(capacity, keep.shape[1])
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+    t = keep.shape[1]
+    k = (int(counts.max().item()) if keep.numel() else 0) if capacity is None else min(capacity, t)
+    # One top-k, not a sort: kept positions score t - position (the earliest highest), the rest 0.
+    scores = keep.to(torch.int32) * torch.arange(t, 0, -1, dtype=torch.int32, device=keep.device)
+    order = scores.topk(k, dim=1).indices
     slot_valid = torch.arange(k, device=keep.device)[None, :] < counts[:, None]
     return order.masked_fill(~slot_valid, 0), slot_valid
 
