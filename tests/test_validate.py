@@ -175,6 +175,8 @@ MISTAKES = [
     ("train --seq-len 100", "train {model} --data {text} --out {out} --seq-len 100",
      "seq len 100 exceeds the model's context of 64"),
     ("bench --prefill 1 100", "bench {model} --prefill 1 100 --threads 1", "--prefill LENGTH of 100 tokens exceeds"),
+    ("generate past the context", "generate {model} --gates {gates} --prompt hi --max-new-tokens 100",
+     "the prompt plus --max-new-tokens of 102 tokens exceeds the model's context of 64"),
     ("generate long prompt", "generate {model} --gates {gates} --prompt " + "a" * 80,
      "the prompt has 80 tokens"),
     # input paths

@@ -23,7 +23,7 @@ from .flops import FlopReport, ModelDims, flop_report
 from .model import is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
-from .validate import existing_path, integer, ratio, real
+from .validate import existing_path, fits_context, integer, ratio, real
 
 
 def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | None) -> ThresholdBudget | AllocationBudget | None:
@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     load_gates(model, args.gates)
     ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    check_prompt(model, ids)
+    fits_context(model, ids.shape[1] + args.max_new_tokens, "the prompt plus --max-new-tokens")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.speculative:
