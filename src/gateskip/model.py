@@ -257,13 +257,11 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
 
 
 def _check_allocations(allocations: dict, module_keys: list[str], where: str) -> None:
-    """Refuse allocations whose modules are not this model's gated modules (made for another model)."""
+    """Refuse allocations whose modules are not this model's gated modules (made for another model);
+    their structure was checked when the file was read (_check_metadata)."""
     known = set(module_keys)
     for target, entry in allocations.items():
-        ratios = entry.get("ratios") if isinstance(entry, dict) else None
-        if not isinstance(ratios, dict):
-            raise GateSkipError(f"{where}: allocation {target} is malformed")
-        extra = sorted(set(ratios) - known)
+        extra = sorted(set(entry["ratios"]) - known)
         if extra:
             raise GateSkipError(f"{where}: allocation {target} names module {extra[0]}, which these gates do not have "
                                 f"(an allocation made for another model)")
