@@ -132,6 +132,15 @@ def test_training_under_an_allocation_leaves_removed_modules_alone_and_recalibra
     assert entry["thresholds"] != stale  # calibrated again for the trained gates
 
 
+def test_a_gated_model_folder_trains_fresh_gates(assets, tmp_path):
+    model, tokenizer = load_model(assets["model"])
+    add_gates(model, GateConfig(kind="scalar", application="unit")).save_pretrained(tmp_path / "gated")
+    tokenizer.save_pretrained(tmp_path / "gated")
+    final = train(config(assets, tmp_path / "run", model=str(tmp_path / "gated"), mode="frozen", steps=1))
+    load_gates(model, final)
+    assert model.gate_bank.config.kind == "lowrank"  # the run's own gate options, not the folder's
+
+
 def test_an_allocation_needs_gates_that_store_it(assets, tmp_path):
     with pytest.raises(GateSkipError, match="--init-gates"):
         config(assets, tmp_path, allocation=[0.1])

@@ -47,7 +47,7 @@ from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .allocation import allocation_budget
 from .budget import AllocationBudget
 from .calibrate import calibrate, calibrate_allocation, ratio_key
-from .model import add_gates, load_gates, save_gates
+from .model import add_gates, is_gated, load_gates, remove_gates, save_gates
 from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
 
@@ -254,6 +254,8 @@ def build_model(cfg: TrainConfig):
             raise GateSkipError(f"{cfg.init_gates} has no allocation for {ratio_key(missing[0])}; "
                                 f"run `gateskip allocate` first")
     else:
+        if is_gated(model):  # a gated model folder: train fresh gates (--init-gates continues its own)
+            remove_gates(model)
         add_gates(model, GateConfig(kind=cfg.gate_kind, rank=cfg.rank, skip_bos=not cfg.protect_first_token,
                                     application=cfg.gate_application, init_bias=bias))
     if cfg.mode == "frozen":

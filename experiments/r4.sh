@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Round 4 (docs/experiment.md): the round-3 unit gates trained further under their own
+# allocations (end to end, distillation to the base, straight-through unit gates), then
+# searched again and compared on the held-out proxy with ShortGPT and random in one run.
+# Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, shared with 3-4 other jobs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+G=.venv/bin/gateskip
+mkdir -p runs/logs docs/results/experiment-r4
+test -f runs/data/gate_train.jsonl.gz || \
+  .venv/bin/python -m gateskip.corpus runs/data/gate_train.jsonl.gz --heldout runs/data/gate_heldout.jsonl.gz
+
+# 1. Train under the allocations for 10, 20 and 30 % (one per step in turn), 40 minutes.
+$G train smollm2-135m --data runs/data/gate_train.jsonl.gz --out runs/alloc-e2e --mode frozen \
+  --init-gates gates/smollm2-135m-unit --allocation 0.1 0.2 0.3 --seq-len 256 --batch-size 2 --steps 150 \
+  --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 --eval-blocks 8 --save-every 20 --max-minutes 40 \
+  2>&1 | tee runs/logs/alloc-e2e.log
+# 1b. The same gates trained further on the attribution target (first-order LM-loss change of
+#     removing each branch output; one forward and backward of the frozen base), 30 minutes.
+$G train smollm2-135m --data runs/data/gate_train.jsonl.gz --out runs/attr --mode frozen \
+  --init-gates gates/smollm2-135m-unit --objective attribution --seq-len 256 --batch-size 2 --steps 100 \
+  --gate-lr 3e-3 --eval-blocks 4 --save-every 20 --max-minutes 30 2>&1 | tee runs/logs/attr.log
+
+# 2. Proxy A: the gates trained under the allocation against the shipped ones (the same
+#    allocation ratios), equal shares, ShortGPT and random, on 8 held-out blocks.
+$G proxy smollm2-135m --gates runs/alloc-e2e/final --gates gates/smollm2-135m-unit \
+  --methods gateskip,equal,shortgpt,random --text runs/data/gate_heldout.jsonl.gz \
+  --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 --out docs/results/experiment-r4/proxy-a \
+  2>&1 | tee runs/logs/proxy-a.log
