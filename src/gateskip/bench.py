@@ -60,9 +60,10 @@ def prefill_budget(model, target: float):
 
 
 def prefill_speed(model, ids: torch.Tensor, targets, rounds: int = 3) -> dict:
-    """Prefill (one forward, LM head on the last token) of `ids` at each target vs the ungated model."""
+    """Prefill (one forward, LM head on the last token, no cache filled: a skip plan fills none
+    unless given one) of `ids` at each target vs the ungated model."""
     dims, config = ModelDims.from_config(model.config), model.gate_bank.config
-    runs, saving = {"ungated": lambda: model(ids, logits_to_keep=1)}, {}
+    runs, saving = {"ungated": lambda: model(ids, logits_to_keep=1, use_cache=False)}, {}
     for t in targets:
         budget, stats = prefill_budget(model, t), SkipStats()
         model(ids, skip_plan=SkipPlan(budget=budget, stats=stats), logits_to_keep=1)
