@@ -26,7 +26,7 @@ $G train smollm2-135m --data runs/data/gate_train.jsonl.gz --out runs/e2e-r16 --
 $G allocate smollm2-135m --gates runs/infl-r16/final --targets 0.05 0.1 0.15 0.2 0.25 0.3 \
   --text runs/data/gate_train.jsonl.gz --sequences 2 --length 256 --levels 0.5 1.0 \
   --plot runs/infl-r16/allocation.png 2>&1 | tee runs/logs/allocate-infl-r16-v2.log
-cp runs/infl-r16/final/gateskip.safetensors runs/infl-r16/allocation.png gates/smollm2-135m-unit/
+cp runs/infl-r16/final/gateskip.safetensors runs/infl-r16/allocation.png gates/smollm2-135m-unit-r3/
 
 # 4. Proxy on held-out text: the allocated gates, equal shares of all three gate sets, ShortGPT, random.
 $G proxy smollm2-135m --gates runs/infl-r16/final --gates runs/e2e-r16/final --gates gates/smollm2-135m-lowrank-qa \
@@ -34,6 +34,6 @@ $G proxy smollm2-135m --gates runs/infl-r16/final --gates runs/e2e-r16/final --g
   --agreement 20 --out docs/results/experiment-r3/proxy 2>&1 | tee runs/logs/proxy-v2.log
 
 # 5. Tasks (100 items each; the sweep resumes its folder).
-HF_DATASETS_OFFLINE=1 $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks arc_easy,piqa,winogrande \
+HF_DATASETS_OFFLINE=1 $G eval smollm2-135m --gates gates/smollm2-135m-unit-r3 --tasks arc_easy,piqa,winogrande \
   --budgets 0.1,0.2 --method gateskip,shortgpt,random --limit 100 --batch-size 8 --out runs/r3-eval \
   2>&1 | tee runs/logs/r3-eval.log

@@ -28,3 +28,17 @@ $G proxy smollm2-135m --gates runs/alloc-e2e/final --gates gates/smollm2-135m-un
   --methods gateskip,equal,shortgpt,random --text runs/data/gate_heldout.jsonl.gz \
   --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 --out docs/results/experiment-r4/proxy-a \
   2>&1 | tee runs/logs/proxy-a.log
+
+# 3. Proxy B: the attribution-trained gates under the same allocation (same 8 held-out blocks;
+#    the baselines are in proxy A).
+$G proxy smollm2-135m --gates runs/attr/final --methods gateskip --text runs/data/gate_heldout.jsonl.gz \
+  --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 --out docs/results/experiment-r4/proxy-b \
+  2>&1 | tee runs/logs/proxy-b.log
+
+# 4. Ship the gates trained under the allocation (round 3's file stays as gates/smollm2-135m-unit-r3).
+cp runs/alloc-e2e/final/gateskip.safetensors runs/alloc-e2e/final/train_config.json gates/smollm2-135m-unit/
+cp runs/alloc-e2e/metrics.jsonl gates/smollm2-135m-unit/
+
+# 5. Tasks: ARC-Easy and PIQA, 250 items each, at 10 and 20 % against ShortGPT (the sweep resumes its folder).
+$G eval smollm2-135m --gates runs/alloc-e2e/final --tasks arc_easy,piqa --budgets 0.1,0.2 \
+  --method gateskip,shortgpt --limit 250 --batch-size 8 --out runs/r4-eval 2>&1 | tee runs/logs/r4-eval.log
