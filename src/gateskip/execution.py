@@ -142,12 +142,18 @@ def branch_physical(branch: nn.Module, x: torch.Tensor, keep: torch.Tensor, capa
 # on the rows that keep it (gathered), as prefill runs it on the kept tokens.
 
 
+# A decode step reads every weight once however many rows it runs, so on a memory-bound device
+# gathering pays only when few rows are left: above this share the module runs on every row and
+# the skipped rows' outputs are dropped (the decision, and its accounting, are the same).
+GATHER_AT_MOST = 0.5
+
+
 def kept_rows(keep: torch.Tensor | None) -> torch.Tensor | None:
-    """Rows (N,) of a one-token step that run a module; None when every row does (no gather)."""
+    """Rows (N,) of a one-token step that run a module; None: run every row (no gather)."""
     if keep is None:
         return None
     rows = keep[:, 0].nonzero().squeeze(1)  # waits for the device: the row count sizes the work
-    return None if rows.numel() == keep.shape[0] else rows
+    return None if rows.numel() > GATHER_AT_MOST * keep.shape[0] else rows
 
 
 def _scatter_rows(y: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
