@@ -42,3 +42,13 @@ cp runs/alloc-e2e/metrics.jsonl gates/smollm2-135m-unit/
 # 5. Tasks: ARC-Easy and PIQA, 200 items each, at 20 % against ShortGPT (the sweep resumes its folder).
 $G eval smollm2-135m --gates runs/alloc-e2e/final --tasks arc_easy,piqa --budgets 0.2 \
   --method gateskip,shortgpt --limit 200 --batch-size 8 --out runs/r4-eval 2>&1 | tee runs/logs/r4-eval.log
+
+# 6. The allocation searched again with the trained gates (same search text and levels as round 3).
+mkdir -p runs/alloc-e2e-rs && cp runs/alloc-e2e/final/gateskip.safetensors runs/alloc-e2e-rs/
+$G allocate smollm2-135m --gates runs/alloc-e2e-rs/gateskip.safetensors --targets 0.05 0.1 0.15 0.2 0.25 0.3 \
+  --text runs/data/gate_train.jsonl.gz --sequences 2 --length 256 --levels 0.5 1.0 --overwrite \
+  --plot runs/alloc-e2e-rs/allocation.png 2>&1 | tee runs/logs/allocate-rs.log
+# 7. Proxy C: the searched-again allocation on the same held-out blocks (baselines in proxy A).
+$G proxy smollm2-135m --gates runs/alloc-e2e-rs/gateskip.safetensors --methods gateskip \
+  --text runs/data/gate_heldout.jsonl.gz --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 \
+  --out docs/results/experiment-r4/proxy-c 2>&1 | tee runs/logs/proxy-c.log
