@@ -392,7 +392,7 @@ def stage_samples(job: Job, model, tokenizer, search_blocks) -> list[dict]:
     path = job.out / "samples.json"
     with job.stage("samples", reused=job.reusable(path)):
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_json(path, "stage result")
         shortgpt = make_method("shortgpt", model, sample=search_blocks)
         with torch.inference_mode():
             rows = [r for prompt in PROMPTS for r in _continuations(model, tokenizer, prompt, job.sizes.sample_targets,
@@ -409,7 +409,7 @@ def stage_speed(job: Job, model, tokenizer, heldout: Path) -> dict:
     path = job.out / "speed.json"
     with job.stage("speed", reused=job.reusable(path)):
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_json(path, "stage result")
         ids, _ = sample_sequences(tokenizer, str(heldout), s.prefill_batch, s.prefill_length)
         targets = (0.0, *s.targets)
         with torch.inference_mode():
