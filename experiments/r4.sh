@@ -52,3 +52,12 @@ $G allocate smollm2-135m --gates runs/alloc-e2e-rs/gateskip.safetensors --target
 $G proxy smollm2-135m --gates runs/alloc-e2e-rs/gateskip.safetensors --methods gateskip \
   --text runs/data/gate_heldout.jsonl.gz --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 \
   --out docs/results/experiment-r4/proxy-c 2>&1 | tee runs/logs/proxy-c.log
+
+# 8. The same search on twice the text (4 blocks), two threads on the then quiet machine, and its proxy.
+mkdir -p runs/alloc-e2e-s4 && cp runs/alloc-e2e/final/gateskip.safetensors runs/alloc-e2e-s4/
+OMP_NUM_THREADS=2 $G allocate smollm2-135m --gates runs/alloc-e2e-s4/gateskip.safetensors \
+  --targets 0.05 0.1 0.15 0.2 0.25 0.3 --text runs/data/gate_train.jsonl.gz --sequences 4 --length 256 \
+  --levels 0.5 1.0 --overwrite --plot runs/alloc-e2e-s4/allocation.png 2>&1 | tee runs/logs/allocate-s4.log
+OMP_NUM_THREADS=2 $G proxy smollm2-135m --gates runs/alloc-e2e-s4/gateskip.safetensors --methods gateskip \
+  --text runs/data/gate_heldout.jsonl.gz --search-text runs/data/gate_train.jsonl.gz --blocks 8 --length 256 \
+  --out docs/results/experiment-r4/proxy-d 2>&1 | tee runs/logs/proxy-d.log
