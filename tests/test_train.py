@@ -144,6 +144,9 @@ def test_a_gated_model_folder_trains_fresh_gates(assets, tmp_path):
 def test_an_allocation_needs_gates_that_store_it(assets, tmp_path):
     with pytest.raises(GateSkipError, match="--init-gates"):
         config(assets, tmp_path, allocation=[0.1])
+    for bad in (-1.0, 1.0, float("nan")):
+        with pytest.raises(GateSkipError, match="net saving in"):
+            config(assets, tmp_path, allocation=[bad], init_gates="x")
     model, _ = load_model(assets["model"])
     save_gates(add_gates(model, GateConfig(application="unit")), tmp_path / "bare")
     with pytest.raises(GateSkipError, match="no allocation for 0.1"):

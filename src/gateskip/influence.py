@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .gates import GateBank, importance
 from .layer import branch_norms
+from .losses import IGNORE, lm_loss
 from .model import decoder_layers
 
 
@@ -44,12 +45,9 @@ def branch_influence(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, 
         return hook
 
     bank: GateBank = model.gate_bank
-    for i, layer in enumerate(decoder_layers(model)):
-        for branch, (norm_in, norm_out) in branch_norms(layer).items():
-            if bank.get(branch, i) is None:
-                continue
-            handles.append(norm_in.register_forward_hook(capture((branch, i), take_input=True)))
-            handles.append(_output_module(layer, branch, norm_out).register_forward_hook(capture((branch, i))))
+    for branch, i, norm_in, out_module in _gated_branches(model):
+        handles.append(norm_in.register_forward_hook(capture((branch, i), take_input=True)))
+        handles.append(out_module.register_forward_hook(capture((branch, i))))
     try:
         model(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     finally:
@@ -68,10 +66,18 @@ def _output_module(layer, branch: str, norm_out):
     return norm_out if norm_out is not None else (layer.self_attn if branch == "attn" else layer.mlp)
 
 
+def _gated_branches(model):
+    """(branch, layer index, input norm, output module) of every gated branch, where the hooks go."""
+    bank: GateBank = model.gate_bank
+    for i, layer in enumerate(decoder_layers(model)):
+        for branch, (norm_in, norm_out) in branch_norms(layer).items():
+            if bank.get(branch, i) is not None:
+                yield branch, i, norm_in, _output_module(layer, branch, norm_out)
+
+
 def branch_attribution(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module key: (branch input x (B, T, d), attribution (B, T))} from one forward and backward
     of the base model (activations only: the backbone stays frozen)."""
-    bank: GateBank = model.gate_bank
     inputs, probes, handles = {}, {}, []
 
     def capture(key):
@@ -87,20 +93,13 @@ def branch_attribution(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str
             return (out, *output[1:]) if isinstance(output, tuple) else out
         return hook
 
-    for i, layer in enumerate(decoder_layers(model)):
-        for branch, (norm_in, norm_out) in branch_norms(layer).items():
-            if bank.get(branch, i) is None:
-                continue
-            key = f"{branch}.{i}"
-            handles.append(norm_in.register_forward_hook(capture(key)))
-            handles.append(_output_module(layer, branch, norm_out).register_forward_hook(probe(key)))
+    for branch, i, norm_in, out_module in _gated_branches(model):
+        handles.append(norm_in.register_forward_hook(capture(f"{branch}.{i}")))
+        handles.append(out_module.register_forward_hook(probe(f"{branch}.{i}")))
     try:
         with torch.enable_grad():
             logits = model(ids, attention_mask=mask, use_cache=False).logits
-            labels = ids.masked_fill(~mask.bool(), -100)[:, 1:]
-            logits = logits[:, :-1].flatten(0, 1)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(logits, labels.flatten(), ignore_index=-100)
+            loss = lm_loss(logits, ids.masked_fill(~mask.bool(), IGNORE))
             keys = list(probes)
             grads = torch.autograd.grad(loss, [probes[k] for k in keys])
     finally:

@@ -129,6 +129,9 @@ class TrainConfig:
         if self.objective in LOCAL_OBJECTIVES and (self.mode != "frozen" or self.gate_application != "unit"):
             raise GateSkipError(f"the {self.objective} objective trains unit gates on a frozen backbone: "
                                 "use --mode frozen --gate-application unit")
+        outside = [t for t in self.allocation if not 0.0 <= t < 1.0]  # NaN fails both comparisons
+        if outside:
+            raise GateSkipError(f"an allocation target is a net saving in [0, 1), got {outside[0]}")
         if self.allocation and (self.init_gates is None or self.objective != "lm"):
             raise GateSkipError("training under an allocation continues gates that have one: give --init-gates "
                                 "with allocations (gateskip allocate) and the lm objective")
