@@ -61,3 +61,41 @@ def test_stop_tokens_pad_finished_rows_and_end_when_all_stop():
     row1 = free[1].tolist()
     if stop in row1:
         assert out.shape[1] == max(first, row1.index(stop)) + 1
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_accounting():
+    """decode(compile=True): each module's dense compute through torch.compile, attention over the
+    whole static cache with the unwritten positions masked; the decisions stay eager."""
+    from gateskip.decoding import KERNELS
+
+    model = calibrated("llama")
+    ids, _ = random_prompts([9], seed=4)
+    for budget in (0.0, 0.5):
+        eager = decode(model, ids, budget=budget, max_new_tokens=8)
+        compiled = decode(model, ids, budget=budget, max_new_tokens=8, compile=True)
+        assert torch.equal(compiled.sequences, eager.sequences), budget
+        assert skipped(compiled.decode) == skipped(eager.decode) and (skipped(eager.decode) > 0) == (budget > 0)
+    assert all(k.compiled is not None and not k.failed for k in (KERNELS.keys, KERNELS.attend, KERNELS.mlp))
+
+
+def test_compile_failure_warns_once_and_decodes_eagerly(monkeypatch):
+    import gateskip.decoding
+    from gateskip.compiled import Compiled
+    from gateskip.execution import StepKernels, step_attend, step_keys, step_mlp
+
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("no compiler here\nmore detail")
+        return run
+
+    kernels = StepKernels(Compiled(step_keys), Compiled(step_attend), Compiled(step_mlp))
+    monkeypatch.setattr(gateskip.decoding, "KERNELS", kernels)
+    monkeypatch.setattr(torch, "compile", broken)
+    model = calibrated("llama")
+    ids, _ = random_prompts([9], seed=4)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly") as caught:
+        fallback = decode(model, ids, budget=0.5, max_new_tokens=8, compile=True)
+    assert [str(w.message) for w in caught] == [  # one line per kernel, at its first call
+        f"torch.compile failed for {name} (RuntimeError: no compiler here); decoding eagerly"
+        for name in ("step_keys", "step_attend", "step_mlp")]
+    assert torch.equal(fallback.sequences, decode(model, ids, budget=0.5, max_new_tokens=8).sequences)

@@ -26,7 +26,9 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .budget import AllocationBudget, ThresholdBudget
+from .compiled import KERNELS
 from .errors import GateSkipError
+from .execution import StepKernels
 from .generation import Generation, check_prompt, decode_budget
 from .model import decoder_layers
 from .plan import ForwardContext, SkipPlan
@@ -48,17 +50,19 @@ class StaticKV:
     `length` positions are written; `update` (called by the attention of each layer) writes
     the new ones after them and returns what the new queries may see: everything, or the
     last window of a sliding layer (plus the new tokens). `advance` moves `length` once per
-    forward, and setting `length` lower rolls the cache back.
+    forward, and setting `length` lower rolls the cache back. whole: `update` returns the whole
+    buffers instead, one shape however full they are (a compiled step; the caller masks the
+    positions that are not written or outside a window).
     """
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int):
+    def __init__(self, model: nn.Module, batch: int, capacity: int, whole: bool = False):
         cfg, param = model.config, next(model.parameters())
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, capacity, head_dim)
         self.windows = layer_windows(cfg)
         self.keys = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.windows]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.whole = capacity, 0, whole
 
     def start(self, layer: int) -> int:
         """First position the next query of this layer attends to."""
@@ -71,6 +75,8 @@ class StaticKV:
             raise GateSkipError(f"the KV cache holds {self.capacity} positions; this forward needs {e}")
         self.keys[layer_idx][:, :, s:e] = k
         self.values[layer_idx][:, :, s:e] = v
+        if self.whole:
+            return self.keys[layer_idx], self.values[layer_idx]
         start = self.start(layer_idx)
         return self.keys[layer_idx][:, :, start:e], self.values[layer_idx][:, :, start:e]
 
@@ -105,6 +111,8 @@ class Stepper:
     def masks(self, t: int, key_valid: torch.Tensor | None) -> dict[bool, torch.Tensor | None]:
         """Attention mask per kind of layer, (B, 1, t, keys) bool, or None where one query sees
         every key it is given (batch 1, no padding)."""
+        if self.cache.whole:
+            return self.whole_masks(t, key_valid)
         cache, out = self.cache, {}
         e = cache.length + t
         for sliding in set(self.kinds):
@@ -122,6 +130,22 @@ class Stepper:
             if key_valid is not None:
                 allowed = allowed & key_valid[:, None, None, start:e]
             out[sliding] = allowed
+        return out
+
+    def whole_masks(self, t: int, key_valid: torch.Tensor | None) -> dict[bool, torch.Tensor]:
+        """Masks over the whole cache for one query per row, (B, 1, 1, capacity) bool: the keys
+        written so far (within the window of a sliding layer) that are not padding."""
+        if t != 1:
+            raise GateSkipError("a cache handing out whole buffers serves one-token decode steps only")
+        cache, out = self.cache, {}
+        k = torch.arange(cache.capacity, device=cache.keys[0].device)
+        b = cache.keys[0].shape[0]
+        for sliding in set(self.kinds):
+            allowed = k <= cache.length
+            if sliding:
+                allowed &= k > cache.length - cache.windows[self.kinds.index(sliding)]
+            allowed = allowed.expand(b, -1) if key_valid is None else allowed & key_valid[:, : cache.capacity]
+            out[sliding] = allowed[:, None, None]
         return out
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
@@ -143,14 +167,17 @@ class Stepper:
         return logits
 
 
-def step_context(plan: SkipPlan, model, batch: int, t: int, context: torch.Tensor) -> ForwardContext:
+def step_context(plan: SkipPlan, model, batch: int, t: int, context: torch.Tensor,
+                 kernels: StepKernels | None = None) -> ForwardContext:
     """The ForwardContext of a step over t new real tokens; context (B,) counts each row's real
-    keys before the step. No token of a decode step is a sequence's first, so none is protected."""
+    keys before the step. No token of a decode step is a sequence's first, so none is protected.
+    kernels: the dense compute of a one-token step (None: eager)."""
     valid = torch.ones(batch, t, dtype=torch.bool, device=context.device)
     ctx_len = (context[:, None] + torch.arange(1, t + 1, device=context.device)).float()
     if plan.stats is not None:
         plan.stats.record_forward(valid, ctx_len)
-    return ForwardContext(plan, model.gate_bank if plan.apply_gates else None, valid, ctx_len, None, decode_step=t == 1)
+    return ForwardContext(plan, model.gate_bank if plan.apply_gates else None, valid, ctx_len, None, decode_step=t == 1,
+                          kernels=kernels)
 
 
 def warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
@@ -192,14 +219,14 @@ class Chooser:
         return float(torch.rand((), generator=self.generator))
 
 
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, plan: SkipPlan, capacity: int,
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, plan: SkipPlan, capacity: int, whole: bool = False,
             ) -> tuple[torch.Tensor, StaticKV]:
     """Last-position logits (B, V) of the prompt through the HF forward, and a StaticKV holding its K/V."""
     hf_cache = DynamicCache(config=model.config)
     positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(ids, attention_mask=mask, position_ids=positions, cache=hf_cache, use_cache=True, skip_plan=plan,
                    logits_to_keep=1).logits[:, -1]
-    cache = StaticKV(model, ids.shape[0], capacity)
+    cache = StaticKV(model, ids.shape[0], capacity, whole)
     cache.load(hf_cache, ids.shape[1])
     return logits, cache
 
@@ -219,10 +246,15 @@ def decode(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     streamer=None,
+    compile: bool = False,
 ) -> Generation:
     """Decode up to max_new_tokens per row (left-padded prompts) at a calibrated budget, as
     `generation.generate` does but without HF generate's loop. Rows that reach a stop token
-    are filled with pad_token_id; decoding ends when every row has stopped."""
+    are filled with pad_token_id; decoding ends when every row has stopped.
+
+    compile: run each module's dense compute through torch.compile (gateskip.compiled: the
+    decisions stay eager, attention sees the whole static cache; eager again, with one
+    warning, if compiling fails). Off by default: on a CPU it costs compile time for little."""
     check_prompt(model, input_ids)
     if max_new_tokens < 1:
         raise GateSkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -235,9 +267,10 @@ def decode(
     padded = attention_mask is not None and not bool(attention_mask.all())
     prefill_stats, decode_stats = SkipStats(), SkipStats()
     plan = SkipPlan(budget=decode_budget(model, budget), stats=prefill_stats)
-    logits, cache = prefill(model, input_ids, attention_mask if padded else None, plan, n + steps)
+    logits, cache = prefill(model, input_ids, attention_mask if padded else None, plan, n + steps, whole=compile)
     plan.stats = decode_stats
     step = Stepper(model, cache)
+    kernels = KERNELS if compile else None
     key_valid = None
     real = torch.full((b,), n, device=input_ids.device)
     if padded:
@@ -259,7 +292,7 @@ def decode(
                 break
         if i == steps - 1:
             break
-        ctx = step_context(plan, model, b, 1, real + i)
+        ctx = step_context(plan, model, b, 1, real + i, kernels)
         logits = step(token[:, None], (real + i)[:, None], ctx, key_valid)[:, -1]
     if streamer is not None:
         streamer.end()

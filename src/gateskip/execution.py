@@ -7,6 +7,9 @@ the output projection run for kept tokens only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,41 +164,70 @@ def _scatter_rows(y: torch.Tensor, rows: torch.Tensor | None, batch: int) -> tor
     return y if rows is None else y.new_zeros(batch, 1, y.shape[-1]).index_copy_(0, rows, y)
 
 
+def step_keys(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (rotated) and V of a decode step's tokens, (B, kv heads, 1, head dim) each."""
+    k = _heads(attn.k_proj(x), attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    return _rope(k, cos, sin), _heads(attn.v_proj(x), attn.head_dim)
+
+
+def step_attend(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row attending to its row of k/v (mask: bool, or None: every key), through o_proj: (N, 1, d)."""
+    q = _heads(attn.q_proj(x), attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    out = F.scaled_dot_product_attention(_rope(q, cos, sin), k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    return attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
+
+
+def step_mlp(branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return branch(x)
+
+
+@dataclass(frozen=True)
+class StepKernels:
+    """The dense compute of a decode step's modules; gateskip.compiled swaps in compiled ones,
+    while the decisions around them stay in Python."""
+
+    keys: Callable = step_keys
+    attend: Callable = step_attend
+    mlp: Callable = step_mlp
+
+
+EAGER = StepKernels()
+
+
 def attention_step(attn: nn.Module, x: torch.Tensor, rows: torch.Tensor | None,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
-                   cache, cache_kwargs: dict) -> torch.Tensor | None:
+                   cache, cache_kwargs: dict, kernels: StepKernels | None = None) -> torch.Tensor | None:
     """Attention of a decode step, (B, 1, d), for the kept `rows` (None: all; none: only K/V).
 
     Every row's K/V go into the cache (design.md section 1); each kept query attends to its own
     row of the cache. With no mask (batch 1, no padding) one query sees every key the cache
     hands it (a sliding layer gets only its window), so no mask is built.
     """
-    b, hd = x.shape[0], attn.head_dim
+    kernels = kernels or EAGER
+    b = x.shape[0]
     cos, sin = (p.expand(b, -1, -1) for p in position_embeddings)
-    k = _heads(attn.k_proj(x), hd)
-    v = _heads(attn.v_proj(x), hd)
-    if hasattr(attn, "k_norm"):
-        k = attn.k_norm(k)
-    k, v = cache.update(_rope(k, cos, sin), v, attn.layer_idx, kwargs=cache_kwargs)
+    k, v = cache.update(*kernels.keys(attn, x, cos, sin), attn.layer_idx, kwargs=cache_kwargs)
     if rows is not None:
         if rows.numel() == 0:
             return None
         x, cos, sin, k, v = (a.index_select(0, rows) for a in (x, cos, sin, k, v))
         attention_mask = None if attention_mask is None else attention_mask.index_select(0, rows)
-    q = _heads(attn.q_proj(x), hd)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    q = _rope(q, cos, sin)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # additive float mask: 0 where attending
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=True)
-    return _scatter_rows(attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1)), rows, b)
+    return _scatter_rows(kernels.attend(attn, x, cos, sin, k, v, attention_mask), rows, b)
 
 
-def branch_step(branch: nn.Module, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+def branch_step(branch: nn.Module, x: torch.Tensor, rows: torch.Tensor | None,
+                kernels: StepKernels | None = None) -> torch.Tensor | None:
     """A token-wise branch (MLP) of a decode step, (B, 1, d), on the kept `rows` only."""
+    run = (kernels or EAGER).mlp
     if rows is None:
-        return branch(x)
+        return run(branch, x)
     if rows.numel() == 0:
         return None
-    return _scatter_rows(branch(x.index_select(0, rows)), rows, x.shape[0])
+    return _scatter_rows(run(branch, x.index_select(0, rows)), rows, x.shape[0])

@@ -77,7 +77,8 @@ class GatedLayerMixin:
         if d.removed and cache is None:
             pass
         elif step:
-            out = attention_step(self.self_attn, x, kept_rows(d.keep), position_embeddings, attention_mask, cache, kwargs)
+            out = attention_step(self.self_attn, x, kept_rows(d.keep), position_embeddings, attention_mask, cache, kwargs,
+                                 skip_ctx.kernels)
             h = h if out is None else _add_dense(h, out, d, norm_out)
         elif d.packed or d.removed:
             result = attention_physical(self.self_attn, x, d.keep, position_embeddings, attention_mask, cache, kwargs,
@@ -95,7 +96,7 @@ class GatedLayerMixin:
         if d.removed:
             pass
         elif step:
-            out = branch_step(self.mlp, x, kept_rows(d.keep))
+            out = branch_step(self.mlp, x, kept_rows(d.keep), skip_ctx.kernels)
             h = h if out is None else _add_dense(h, out, d, norm_out)
         elif d.packed:
             h = _add_packed(h, branch_physical(self.mlp, x, d.keep, d.capacity), d, norm_out)

@@ -112,6 +112,7 @@ class ForwardContext:
     # A step of gateskip.decoding: one token per row attending to its cache; every module runs on the
     # rows that keep it, through gateskip.execution's step functions (HF's attention is not called).
     decode_step: bool = False
+    kernels: object | None = None  # a decode step's execution.StepKernels (None: eager)
 
     @classmethod
     def build(
