@@ -219,3 +219,57 @@ def test_cli_calibrates_and_generates_on_the_bundled_model(tmp_path, capsys):
     out = run("generate", "smollm2-135m", "--gates", str(tmp_path), "--budget", "0.5", "--speculative", "2",
               "--prompt", "Hello", "--max-new-tokens", "6")
     assert "self-speculative:" in out and "tokens/pass" in out and "drafts accepted" in out  # may stop early at EOS
+
+
+def cli_args(tmp_path, *options):
+    import argparse
+
+    from gateskip import generation as generation_cli
+
+    parser = argparse.ArgumentParser()
+    generation_cli.register(parser.add_subparsers())
+    return parser.parse_args(["generate", "m", "--gates", str(tmp_path), "--prompt", "-", *options])
+
+
+def skipped(stats):
+    return sum(c.skipped for c in stats.modules().values())
+
+
+@pytest.mark.parametrize("options", [[], ["--sample", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9"],
+                                     ["--sample"]])
+def test_cli_decoding_gives_the_tokens_hf_generate_gave(tmp_path, options):
+    """`gateskip generate` decodes with gateskip.decoding; its options give what the HF generate
+    call it replaced gave: greedy, sampling from the same seed, stopping at the model's stop token."""
+    from gateskip.generation import decode_prompt
+
+    model = calibrated("llama")
+    ids, _ = random_prompts([7], seed=9)
+    args = cli_args(tmp_path, "--budget", "0.5", "--max-new-tokens", "16", *options)
+    if args.sample:
+        hf = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p)
+    else:
+        hf = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+
+    def old(seed=0):
+        torch.manual_seed(seed)
+        return generate(model, ids, budget=0.5, max_new_tokens=16, pad_token_id=0, **hf)
+
+    model.generation_config.eos_token_id = int(old().sequences[0, 7 + 5])  # stop on the sixth new token (or before)
+    reference = old()
+    torch.manual_seed(0)
+    ours = decode_prompt(model, ids, args)
+    assert reference.sequences.shape[1] < 7 + 16 and torch.equal(ours.sequences, reference.sequences)
+    assert skipped(ours.decode) == skipped(reference.decode) > 0 and ours.decode.tokens == reference.decode.tokens
+
+
+def test_cli_refuses_generation_options_the_lean_decoder_does_not_apply(tmp_path):
+    from gateskip.generation import decode_prompt, run
+
+    model = calibrated("llama")
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(GateSkipError, match=r"^the model's generation_config sets repetition_penalty=1.3, which gateskip generate"):
+        decode_prompt(model, random_prompts([5])[0], cli_args(tmp_path))
+    model.generation_config.repetition_penalty = 1.0  # a value that changes nothing passes
+    decode_prompt(model, random_prompts([5])[0], cli_args(tmp_path, "--max-new-tokens", "2"))
+    with pytest.raises(GateSkipError, match="--compile applies to plain decoding"):
+        run(cli_args(tmp_path, "--compile", "--speculative", "2"))

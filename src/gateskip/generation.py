@@ -1,5 +1,7 @@
 """Cached decoding that really skips: Hugging Face `generate` on the gated model under a
 calibrated threshold budget, with the skip accounting split into prefill and decoding.
+`generate` keeps every HF option; the `gateskip generate` command decodes with the lean
+decoder instead (gateskip.decoding: the same tokens, less per-token overhead).
 
 A threshold budget decides per token and per module from that token's own importance,
 so a single-token decode step skips as often as a long prefill does; a skipped
@@ -13,7 +15,7 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
 from .allocation import allocation_budget
 from .budget import AllocationBudget, ThresholdBudget
@@ -142,7 +144,45 @@ def register(subparsers) -> None:
     p.add_argument("--speculative", type=integer(0), metavar="K", default=0,
                    help="lossless self-speculative decoding: draft K tokens at --budget, verify at full compute "
                         "(0, the default: no drafting, every token decoded once at --budget)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each module's dense decode-step compute through torch.compile (compiling takes a "
+                        "while; eager again if it fails; not with --speculative)")
     p.set_defaults(func=run)
+
+
+# HF generate options that change greedy or sampled tokens and that gateskip.decoding does not
+# apply, each with the values that change nothing.
+NOT_APPLIED = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []), "sequence_bias": (None, {}), "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "min_p": (None, 0.0), "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "exponential_decay_length_penalty": (None,),
+    "num_beams": (None, 1), "guidance_scale": (None, 1.0), "stop_strings": (None, []), "max_time": (None,),
+}
+
+
+def check_lean_decoding(config: GenerationConfig) -> None:
+    """`gateskip generate` used to run HF generate, which applies the model's generation_config;
+    a config that sets an option the lean decoder lacks is refused rather than silently ignored."""
+    found = [f"{name}={getattr(config, name)!r}" for name, neutral in NOT_APPLIED.items()
+             if getattr(config, name, None) not in neutral]
+    if found:
+        raise GateSkipError(f"the model's generation_config sets {', '.join(found)}, which gateskip generate does not "
+                            "apply; use gateskip.generation.generate (HF generate) from Python")
+
+
+def decode_prompt(model, ids: torch.Tensor, args: argparse.Namespace, streamer=None) -> Generation:
+    """`gateskip generate` without --speculative: the lean decoder, stopping where HF generate
+    stopped (the model's generation_config stop tokens)."""
+    from .decoding import decode
+
+    check_lean_decoding(model.generation_config)
+    sampling = {}
+    if args.sample:
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return decode(model, ids, budget=args.budget, max_new_tokens=args.max_new_tokens,
+                  eos_token_id=model.generation_config.eos_token_id, streamer=streamer, compile=args.compile, **sampling)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -165,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_gates
     from .speculative import speculative_generate
 
+    if args.compile and args.speculative:
+        raise GateSkipError("--compile applies to plain decoding, not to --speculative: drop one of them")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     load_gates(model, args.gates)
@@ -172,17 +214,12 @@ def run(args: argparse.Namespace) -> int:
     check_prompt(model, ids)
     fits_context(model, ids.shape[1] + args.max_new_tokens, "the prompt plus --max-new-tokens")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.speculative:
+        sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         result = speculative_generate(model, ids, budget=args.budget, k=args.speculative, max_new_tokens=args.max_new_tokens,
                                       eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
         print(result.summary())
         return 0
-    if args.sample:
-        sampling["top_k"] = args.top_k or 0  # HF's "no limit", as speculative's None (HF would default to 50)
-    else:
-        sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    gen = generate(model, ids, budget=args.budget, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    gen = decode_prompt(model, ids, args, streamer)
     print_reports(reports(model, gen.prefill, gen.decode))
     return 0
