@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -85,19 +86,28 @@ def _greedy(new_tokens: int, pad: int) -> dict:
 
 
 def decode_speed(model, ids: torch.Tensor, mask: torch.Tensor | None, targets, new_tokens: int, rounds: int = 3,
-                 speculative: float | None = None, pad: int = 0) -> dict:
+                 speculative: float | None = None, pad: int = 0, compile: bool = False) -> dict:
     """Greedy decoding of `new_tokens` per row at each target vs HF generate on the ungated model.
 
     speculative: also time lossless self-speculative decoding (adaptive draft length) drafting
-    at this target (batch 1 only). Each row says whether its tokens equal full-compute greedy."""
+    at this target (batch 1 only). compile: also time each target with the compiled decode step
+    (decode(compile=True)), and how long its first call took (compiling included). Each row says
+    whether its tokens equal full-compute greedy."""
     from .decoding import decode
     from .speculative import speculative_generate
 
     kw = _greedy(new_tokens, pad)
     budgets = {t: decode_budget(model, t) for t in targets}
+    modes = (False, True) if compile else (False,)
     runs = {"HF generate": lambda: model.generate(ids, attention_mask=mask, **kw)}
-    for t, b in budgets.items():
-        runs[f"{t:g}"] = lambda b=b: decode(model, ids, mask, budget=b, max_new_tokens=new_tokens)
+    first_compiled = None
+    if compile:
+        start = time.perf_counter()
+        decode(model, ids, mask, budget=budgets[targets[0]], max_new_tokens=new_tokens, compile=True)
+        first_compiled = time.perf_counter() - start
+    for c in modes:
+        for t, b in budgets.items():
+            runs[_label(t, c)] = lambda b=b, c=c: decode(model, ids, mask, budget=b, max_new_tokens=new_tokens, compile=c)
     if speculative is not None:
         spec_budget = decode_budget(model, speculative)
         runs["speculative"] = lambda: speculative_generate(model, ids, budget=spec_budget, k=4, adaptive=True,
@@ -106,12 +116,15 @@ def decode_speed(model, ids: torch.Tensor, mask: torch.Tensor | None, targets, n
     hf, tokens = times["HF generate"], new_tokens * ids.shape[0]
     reference = model.generate(ids, attention_mask=mask, **kw)
     rows = [{"target": None, "tokens_per_s": tokens / hf, "speedup": 1.0}]
-    for t, b in budgets.items():
-        gen, sec = decode(model, ids, mask, budget=b, max_new_tokens=new_tokens), times[f"{t:g}"]
-        rows.append({"target": t, "tokens_per_s": tokens / sec, "speedup": hf / sec,
-                     "net_saving": reports(model, gen.prefill, gen.decode)["decoding"].net_saving,
-                     "same_as_hf": bool(torch.equal(gen.sequences, reference))})
+    for c in modes:
+        for t, b in budgets.items():
+            gen, sec = decode(model, ids, mask, budget=b, max_new_tokens=new_tokens, compile=c), times[_label(t, c)]
+            rows.append({"target": t, "compiled": c, "tokens_per_s": tokens / sec, "speedup": hf / sec,
+                         "net_saving": reports(model, gen.prefill, gen.decode)["decoding"].net_saving,
+                         "same_as_hf": bool(torch.equal(gen.sequences, reference))})
     out = {"batch": ids.shape[0], "new_tokens": new_tokens, "rows": rows}
+    if compile:
+        out["first_compiled_call_s"] = first_compiled
     if speculative is not None:
         res, sec = speculative_generate(model, ids, budget=spec_budget, k=4, adaptive=True, max_new_tokens=new_tokens), \
             times["speculative"]
@@ -119,6 +132,10 @@ def decode_speed(model, ids: torch.Tensor, mask: torch.Tensor | None, targets, n
                               "acceptance": res.acceptance_rate, "tokens_per_pass": res.tokens_per_pass,
                               "same_as_hf": bool(torch.equal(res.sequences, reference))}
     return out
+
+
+def _label(target: float, compiled: bool) -> str:
+    return f"{target:g} compiled" if compiled else f"{target:g}"
 
 
 def _pct(x: float | None) -> str:
@@ -138,14 +155,16 @@ def print_prefill(result: dict) -> None:
 
 def print_decode(result: dict) -> None:
     print(f"\ndecoding, batch {result['batch']}, {result['new_tokens']} greedy tokens per row")
-    print(f"{'budget':>12} {'tokens/s':>9} {'vs HF':>7} {'net saved':>10}  same tokens as HF")
+    if "first_compiled_call_s" in result:
+        print(f"first compiled call (compiling included): {result['first_compiled_call_s']:.1f} s")
+    print(f"{'budget':>13} {'tokens/s':>9} {'vs HF':>7} {'net saved':>10}  same tokens as HF")
     for r in result["rows"]:
-        label = "HF generate" if r["target"] is None else f"{r['target']:g}"
+        label = "HF generate" if r["target"] is None else _label(r["target"], r["compiled"])
         same = "" if r["target"] is None else "yes" if r["same_as_hf"] else "no"
-        print(f"{label:>12} {r['tokens_per_s']:9.2f} {r['speedup']:6.2f}x {_pct(r.get('net_saving')):>10}  {same}")
+        print(f"{label:>13} {r['tokens_per_s']:9.2f} {r['speedup']:6.2f}x {_pct(r.get('net_saving')):>10}  {same}")
     s = result.get("speculative")
     if s:
-        print(f"{'speculative':>12} {s['tokens_per_s']:9.2f} {s['speedup']:6.2f}x {'-':>10}  "
+        print(f"{'speculative':>13} {s['tokens_per_s']:9.2f} {s['speedup']:6.2f}x {'-':>10}  "
               f"{'yes' if s['same_as_hf'] else 'no'} (drafts at {s['draft_target']:g}, adaptive k: "
               f"{100 * s['acceptance']:.0f}% accepted, {s['tokens_per_pass']:.2f} tokens per verify pass)")
 
@@ -167,12 +186,15 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=integer(0), default=8, help="batch size of the batched decoding run (0 leaves it out)")
     p.add_argument("--rounds", type=integer(1), default=3, help="interleaved timing rounds (the median is kept)")
     p.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: the free cores)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each budget with the compiled decode step (torch.compile; its first call, "
+                        "compiling included, is reported)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
 
 def bench(model, tokenizer, budgets, speculative: float | None, prefill: tuple[int, int], new_tokens: int,
-          batch: int, rounds: int) -> dict:
+          batch: int, rounds: int, compile: bool = False) -> dict:
     """Every figure `gateskip bench` prints, as a dict (gates on the model, thresholds calibrated)."""
     from .analysis import sample_sequences
 
@@ -184,7 +206,7 @@ def bench(model, tokenizer, budgets, speculative: float | None, prefill: tuple[i
         result["prefill"] = prefill_speed(model, ids, targets, rounds)
         print_prefill(result["prefill"])
         one = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
-        result["decode"] = decode_speed(model, one, None, targets, new_tokens, rounds, speculative, pad)
+        result["decode"] = decode_speed(model, one, None, targets, new_tokens, rounds, speculative, pad, compile)
         print_decode(result["decode"])
         if batch:
             side = tokenizer.padding_side
@@ -192,7 +214,7 @@ def bench(model, tokenizer, budgets, speculative: float | None, prefill: tuple[i
             enc = tokenizer((PROMPTS * batch)[:batch], return_tensors="pt", padding=True)
             tokenizer.padding_side = side
             result["decode_batched"] = decode_speed(model, enc["input_ids"], enc["attention_mask"], targets,
-                                                    new_tokens, rounds, None, pad)
+                                                    new_tokens, rounds, None, pad, compile)
             print_decode(result["decode_batched"])
     return result
 
@@ -225,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model}, {what}; {platform.machine()} {platform.processor() or ''}, {why}, "
           f"torch {torch.__version__}, {next(model.parameters()).dtype}")
     print("budgets: " + ("net FLOP saving targets (stored allocations)" if allocations else "calibrated skip ratios"))
-    result = bench(model, tokenizer, budgets, speculative, tuple(args.prefill), args.new_tokens, args.batch, args.rounds)
+    result = bench(model, tokenizer, budgets, speculative, tuple(args.prefill), args.new_tokens, args.batch, args.rounds,
+                   args.compile)
     result["threads"] = threads
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
