@@ -63,17 +63,21 @@ def test_stop_tokens_pad_finished_rows_and_end_when_all_stop():
         assert out.shape[1] == max(first, row1.index(stop)) + 1
 
 
-def test_compiled_decoding_gives_the_eager_tokens_and_accounting():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_compiled_decoding_gives_the_eager_tokens_and_accounting(family):
     """decode(compile=True): each module's dense compute through torch.compile, attention over the
-    whole static cache with the unwritten positions masked; the decisions stay eager."""
+    whole static cache with the unwritten (and out-of-window) positions masked; the decisions stay
+    eager. Gemma3: sliding layers (window 8) beside full ones, q/k norms, prompts past the window."""
     from gateskip.decoding import KERNELS
 
-    model = calibrated("llama")
-    ids, _ = random_prompts([9], seed=4)
-    for budget in (0.0, 0.5):
-        eager = decode(model, ids, budget=budget, max_new_tokens=8)
-        compiled = decode(model, ids, budget=budget, max_new_tokens=8, compile=True)
-        assert torch.equal(compiled.sequences, eager.sequences), budget
+    model = model_for(family)
+    cases = [([9], 0.0), ([9], 0.5), ([9, 5], 0.5)] if family == "llama" else [([12], 0.5), ([12, 5], 0.5)]
+    for lengths, budget in cases:
+        ids, mask = random_prompts(lengths, seed=4)
+        mask = mask if len(lengths) > 1 else None
+        eager = decode(model, ids, mask, budget=budget, max_new_tokens=8)
+        compiled = decode(model, ids, mask, budget=budget, max_new_tokens=8, compile=True)
+        assert torch.equal(compiled.sequences, eager.sequences), (lengths, budget)
         assert skipped(compiled.decode) == skipped(eager.decode) and (skipped(eager.decode) > 0) == (budget > 0)
     assert all(k.compiled is not None and not k.failed for k in (KERNELS.keys, KERNELS.attend, KERNELS.mlp))
 

@@ -263,7 +263,7 @@ def test_cli_decoding_gives_the_tokens_hf_generate_gave(tmp_path, options):
 
 
 def test_cli_refuses_generation_options_the_lean_decoder_does_not_apply(tmp_path):
-    from gateskip.generation import decode_prompt, run
+    from gateskip.generation import decode_prompt
 
     model = calibrated("llama")
     model.generation_config.repetition_penalty = 1.3
@@ -271,5 +271,3 @@ def test_cli_refuses_generation_options_the_lean_decoder_does_not_apply(tmp_path
         decode_prompt(model, random_prompts([5])[0], cli_args(tmp_path))
     model.generation_config.repetition_penalty = 1.0  # a value that changes nothing passes
     decode_prompt(model, random_prompts([5])[0], cli_args(tmp_path, "--max-new-tokens", "2"))
-    with pytest.raises(GateSkipError, match="--compile applies to plain decoding"):
-        run(cli_args(tmp_path, "--compile", "--speculative", "2"))

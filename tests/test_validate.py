@@ -158,6 +158,8 @@ MISTAKES = [
      "--speculative: must be at least 0"),
     ("generate --max-new-tokens 0", "generate {model} --gates {gates} --prompt hi --max-new-tokens 0",
      "--max-new-tokens: must be at least 1"),
+    ("generate --compile --speculative", "generate {model} --gates {gates} --prompt hi --compile --speculative 2",
+     "--compile applies to plain decoding, not to --speculative"),
     # devices
     ("eval --device banana", "eval {model} --gates {gates} --tasks arc_easy --out {out} --device banana",
      "unknown device 'banana'"),

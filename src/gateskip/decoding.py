@@ -15,6 +15,7 @@ head itself:
   when a report is read), the layer code is the one every other execution uses.
 
 Greedy tokens equal those of HF `generate` under the same budget (tests/test_decoding.py).
+`decode(compile=True)` runs each module's dense compute through gateskip.compiled instead.
 """
 
 from __future__ import annotations

@@ -145,8 +145,8 @@ def register(subparsers) -> None:
                    help="lossless self-speculative decoding: draft K tokens at --budget, verify at full compute "
                         "(0, the default: no drafting, every token decoded once at --budget)")
     p.add_argument("--compile", action="store_true",
-                   help="run each module's dense decode-step compute through torch.compile (compiling takes a "
-                        "while; eager again if it fails; not with --speculative)")
+                   help="run each module's dense decode-step compute through torch.compile (compiles first, eager "
+                        "again if that fails; slower than eager on the CPU of docs/speed.md; not with --speculative)")
     p.set_defaults(func=run)
 
 
