@@ -8,7 +8,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from test_model import logits, scramble_gates
 from gateskip import AllocationBudget, GateConfig, GateSkipError, ModelDims, SkipPlan, SkipStats, add_gates, flop_report
-from gateskip.allocation import allocation_budget, module_costs, predicted_saving, search, store
+from gateskip.allocation import allocation_budget, choose, kl_to_base, module_costs, predicted_saving, search, store
 from gateskip.calibrate import calibrate_allocation
 from gateskip.model import load_gates, save_gates
 from gateskip.plan import GateTrace
@@ -118,6 +118,23 @@ def test_the_search_path_is_nested_and_kl_grows_with_the_target():
     assert kls == sorted(kls) and kls[0] > 0
     removed = [{k for k, r in found[t]["ratios"].items() if r == 1.0} for t in ("0.1", "0.2", "0.3")]
     assert removed[0] <= removed[1] <= removed[2]
+
+
+def test_choose_keeps_the_lowest_kl_candidate_per_target():
+    model = gated()
+    searched = search(model, search_text(), [0.1, 0.2], levels=(0.5, 1.0))
+    # A second "search" whose entries are swapped: its 0.1 skips more than the first's, its 0.2 less.
+    swapped = {"0.1": searched["0.2"], "0.2": searched["0.1"]}
+    held_back = search_text(seed=3)
+    chosen = choose(model, {"first": searched, "swapped": swapped}, held_back, ["0.1", "0.2"])
+    assert [chosen[t]["chosen_from"] for t in ("0.1", "0.2")] == ["first", "swapped"]
+    assert chosen["0.2"]["ratios"] == searched["0.1"]["ratios"]
+    ids, mask = held_back
+    with torch.no_grad():
+        base = torch.log_softmax(logits(model, ids, mask, SkipPlan(apply_gates=False)).float(), -1)
+    assert chosen["0.1"]["kl"] == pytest.approx(kl_to_base(model, ids, mask, base, AllocationBudget(searched["0.1"]["ratios"], 0.0)))
+    with pytest.raises(GateSkipError, match="no candidate holds an allocation for 0.3"):
+        choose(model, {"first": searched}, held_back, ["0.3"])
 
 
 def test_predicted_saving_charges_gates_only_for_partly_skipped_modules():

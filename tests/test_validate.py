@@ -128,6 +128,12 @@ MISTAKES = [
      "--targets: must be a finite number"),
     ("allocate --levels without 1", "allocate {model} --gates {gates} --targets 0.1 --levels 0.5",
      "--levels must include 1"),
+    ("allocate --show --choose", "allocate {model} --gates {gates} --show --choose {gates}",
+     "does not go with --choose"),
+    ("allocate --choose a file without allocations", "allocate {model} --gates {gates} --choose {gates} --length 16",
+     "holds no allocations to choose from"),
+    ("allocate --skip-sequences past the text",
+     "allocate {model} --gates {gates} --targets 0.1 --text {text} --length 16 --skip-sequences 1000", "no block left"),
     ("proxy --blocks 0", "proxy {model} --gates {gates} --text {text} --blocks 0 --out {out}",
      "--blocks: must be at least 1"),
     ("proxy --targets nan", "proxy {model} --gates {gates} --text {text} --targets nan --out {out}",
@@ -461,6 +467,17 @@ def test_allocate_keeps_stored_allocations_and_plots_without_overwrite(assets, t
     run_refused(["allocate", assets["model"], "--gates", gates, "--show", "--plot", tmp_path / "plot.png"], capsys,
                 "pass --overwrite")
     assert (tmp_path / "plot.png").read_bytes() == b"an earlier plot"
+    # --choose: per target, the gate file's own allocation or another file's, by KL on held-back text.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "gateskip.safetensors").write_bytes((gates / "gateskip.safetensors").read_bytes())
+    choose = ["allocate", assets["model"], "--gates", gates, "--choose", other, "--text", assets["text"],
+              "--length", "16", "--sequences", "1", "--skip-sequences", "2"]
+    run_refused(choose, capsys, "already holds an allocation for 0.1")
+    run_ok([*choose, "--overwrite"])
+    assert "chosen_from" in read_gate_file(gates / "gateskip.safetensors")[0]["allocations"]["0.1"]
+    run_refused(["allocate", assets["model"], "--gates", gates, "--choose", assets["gates"], "--length", "16"], capsys,
+                "holds no allocations to choose from")
 
 
 # ---------------------------------------------------------------- non-finite values

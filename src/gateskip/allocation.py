@@ -13,6 +13,10 @@ attention-only removal are points of this search space.
 The search path is nested: the allocation for 10 % is a prefix of the one for 25 %. Each
 target's allocation is stored in the gate file with per-module thresholds calibrated for
 decoding; `allocation_budget` turns a stored target into an AllocationBudget.
+
+A greedy path measured on a few hundred tokens is noisy, and no single search wins at every
+target, so `choose` keeps, per target, the best of several searches' allocations by KL on
+text none of them searched on.
 """
 
 from __future__ import annotations
@@ -196,6 +200,31 @@ def search(
     return found
 
 
+@torch.no_grad()
+def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.Tensor, torch.Tensor],
+           targets: Sequence[str]) -> dict[str, dict]:
+    """Per target key, the candidate allocation with the lowest KL to the base on `samples`,
+    measured with the model's gates; returns {target key: entry}, each entry a copy of the
+    winner's with "kl" measured here and "chosen_from" naming it.
+
+    candidates: {name: {target key: allocation entry}}, e.g. the allocations stored by several
+    searches. `samples` should be text none of those searches used (a held-back choice)."""
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in samples)
+    base_logp = F.log_softmax(model(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False)).logits.float(), -1)
+    chosen: dict[str, dict] = {}
+    for key in targets:
+        offers = [(name, allocations[key]) for name, allocations in candidates.items() if key in allocations]
+        if not offers:
+            raise GateSkipError(f"no candidate holds an allocation for {key}")
+        scored = [(kl_to_base(model, ids, mask, base_logp, AllocationBudget(entry["ratios"], 0.0)), i)
+                  for i, (_, entry) in enumerate(tqdm(offers, desc=f"choosing {key}", leave=False))]
+        kl, best = min(scored)
+        name, entry = offers[best]
+        chosen[key] = {**entry, "kl": kl, "chosen_from": name}
+    return chosen
+
+
 def store(bank: GateBank, found: dict[str, dict]) -> None:
     """Keep allocations in the gate bank (saved with the gates)."""
     bank.allocations.update(found)
@@ -255,7 +284,8 @@ def describe(allocations: dict) -> str:
         r = allocations[t]["ratios"]
         removed = sorted((k for k, v in r.items() if v == 1.0), key=lambda k: (k[:4], int(k.split(".")[1])))
         partial = sum(0 < v < 1 for v in r.values())
-        lines.append(f"target {t}: saving {allocations[t]['saving']:.3f}, KL {allocations[t]['kl']:.4f}, "
+        source = f" (chosen from {allocations[t]['chosen_from']})" if "chosen_from" in allocations[t] else ""
+        lines.append(f"target {t}: saving {allocations[t]['saving']:.3f}, KL {allocations[t]['kl']:.4f}{source}, "
                      f"{partial} modules partly skipped, removed: {', '.join(removed) or 'none'}")
     return "\n".join(lines)
 
@@ -272,9 +302,14 @@ def register(subparsers) -> None:
     p.add_argument("--text", default="bundled", type=text_source,
                    help="search text no evaluation uses: 'bundled', .txt/.jsonl file or dataset folder")
     p.add_argument("--sequences", type=integer(1), default=2, help="search blocks")
+    p.add_argument("--skip-sequences", type=integer(0), default=0,
+                   help="blocks of --text to pass over first (e.g. the ones a search used, when choosing)")
     p.add_argument("--length", type=integer(2), default=256, help="tokens per search block")
     p.add_argument("--levels", type=ratio, nargs="+", default=list(LEVELS),
                    help="skip ratios a module steps through (1 = removed); fewer levels, fewer forwards")
+    p.add_argument("--choose", type=existing_path, nargs="+", metavar="GATES",
+                   help="instead of searching, keep per target the lowest-KL allocation on --text among these gate "
+                        "files' and --gates' own (text none of their searches used)")
     p.add_argument("--show", action="store_true", help="print the stored allocations instead of searching")
     p.add_argument("--plot", type=Path, help="write a plot of the allocations per module to this PNG")
     p.add_argument("--overwrite", action="store_true",
@@ -282,12 +317,29 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def candidate_allocations(bank: GateBank, own: Path, others: Sequence[Path]) -> dict[str, dict[str, dict]]:
+    """{gate file: its stored allocations} for --choose, the gate file's own first; each
+    file's allocations must name only these gates' modules (made for this model)."""
+    from .model import check_allocation_modules, read_gate_file
+
+    found = {str(own): bank.allocations}
+    for path in others:
+        allocations = read_gate_file(path)[0].get("allocations", {})
+        if not allocations:
+            raise GateSkipError(f"{path} holds no allocations to choose from")
+        check_allocation_modules(allocations, bank.module_keys(), str(path))
+        found[str(path)] = allocations
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import load_gates, save_gates
 
-    if not args.show and not args.targets:
-        raise GateSkipError("give --targets to search, or --show to print the stored allocations")
+    if not args.show and not args.targets and not args.choose:
+        raise GateSkipError("give --targets to search, --choose to choose, or --show to print the stored allocations")
+    if args.show and args.choose:
+        raise GateSkipError("--show prints the stored allocations; it does not go with --choose")
     if 1.0 not in args.levels or 0.0 in args.levels:
         raise GateSkipError("--levels must include 1 (removal) and not 0")
     if args.plot:
@@ -297,16 +349,24 @@ def run(args: argparse.Namespace) -> int:
         fits_context(model, args.length, "--length")
     load_gates(model, args.gates)
     bank = model.gate_bank
-    stored = [key for key in map(ratio_key, args.targets or []) if key in bank.allocations]
+    candidates = candidate_allocations(bank, args.gates, args.choose) if args.choose else {}
+    targets = [ratio_key(t) for t in args.targets] if args.targets else sorted(
+        {k for allocations in candidates.values() for k in allocations}, key=float)
+    stored = [key for key in targets if key in bank.allocations]
     if not args.show and stored and not args.overwrite:
         raise GateSkipError(f"{args.gates} already holds an allocation for {stored[0]}; pass --overwrite to replace it")
     if not args.show:
-        samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
-        found = search(model, samples, args.targets, sorted(args.levels), progress=lambda line: tqdm.write(line))
+        samples = sample_tokens(tokenizer, args.text, args.sequences, args.length, skip=args.skip_sequences)
+        if args.choose:
+            found = choose(model, candidates, samples, targets)
+            calibrate_allocation(model, samples, {k: e for k, e in found.items() if e["chosen_from"] != str(args.gates)})
+        else:
+            found = search(model, samples, args.targets, sorted(args.levels), progress=lambda line: tqdm.write(line))
+            calibrate_allocation(model, samples, found)
         store(bank, found)
-        calibrate_allocation(model, samples, bank.allocations)
         path = save_gates(model, args.gates)
-        print(f"allocations for {', '.join(found)} found on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
+        how = "chosen" if args.choose else "found"
+        print(f"allocations for {', '.join(found)} {how} on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
     if not bank.allocations:
         raise GateSkipError(f"{args.gates} holds no allocations; run `gateskip allocate MODEL --gates PATH --targets ...`")
     print(describe(bank.allocations))

@@ -134,18 +134,21 @@ def threshold_budget(model, ratio: float) -> ThresholdBudget:
     return ThresholdBudget(dict(stored[key]), ratio)
 
 
-def sample_tokens(tokenizer, source: str = "bundled", sequences: int = 16, length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(tokenizer, source: str = "bundled", sequences: int = 16, length: int = 256,
+                  skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of `sequences` blocks of `length` tokens from a text source that
-    gateskip.textdata reads ("bundled" Shakespeare, a .txt/.jsonl file, a dataset folder)."""
+    gateskip.textdata reads ("bundled" Shakespeare, a .txt/.jsonl file, a dataset folder),
+    after passing over its first `skip` blocks (text another step used)."""
     from . import textdata
 
     if sequences < 1 or length < 1:
         raise GateSkipError(f"sample text needs at least one block of one token, got {sequences} x {length}")
     docs = textdata.read_documents(source)
-    blocks = textdata.pack(textdata.tokenize(docs, tokenizer, max_tokens=sequences * length), length)
-    if len(blocks) == 0:
-        raise GateSkipError(f"{source} has fewer than {length} tokens of text; calibration needs at least one block")
-    return blocks.input_ids, blocks.attention_mask
+    blocks = textdata.pack(textdata.tokenize(docs, tokenizer, max_tokens=(skip + sequences) * length), length)
+    if len(blocks) <= skip:
+        raise GateSkipError(f"{source} has fewer than {(skip + 1) * length} tokens of text; after passing over {skip} "
+                            f"blocks of {length} there is no block left")
+    return blocks.input_ids[skip:], blocks.attention_mask[skip:]
 
 
 # CLI ---------------------------------------------------------------------------------

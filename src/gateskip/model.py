@@ -240,7 +240,7 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
         )
     config = GateConfig.from_dict(meta["gate_config"])
     allocations = meta.get("allocations", {})
-    _check_allocations(allocations, GateBank(n_layers, width, config).module_keys(), str(target))
+    check_allocation_modules(allocations, GateBank(n_layers, width, config).module_keys(), str(target))
     misfit = _first_misfit(GateBank(n_layers, width, config).state_dict(), tensors)
     if misfit:
         raise GateSkipError(f"gate file {target} does not fit this model: {misfit}")
@@ -256,7 +256,7 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
     return model
 
 
-def _check_allocations(allocations: dict, module_keys: list[str], where: str) -> None:
+def check_allocation_modules(allocations: dict, module_keys: list[str], where: str) -> None:
     """Refuse allocations whose modules are not this model's gated modules (made for another model);
     their structure was checked when the file was read (_check_metadata)."""
     known = set(module_keys)
