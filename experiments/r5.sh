@@ -36,6 +36,23 @@ case "${1:-}" in
   gs-a|gs-b)
     H=${1#gs-}
     $EVAL --tasks "$(half $H)" --method gateskip --budgets 0.1,0.2,0.3 --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
+  alloc)
+    # 1. Per target, the best of round 4's three searches (round 3's ratios, searched again on
+    #    512 and on 1024 tokens; experiments/r4.sh steps 6 and 8) on 8 x 256 tokens of training
+    #    text none of them searched on (blocks 16-23).
+    $G allocate smollm2-135m --gates gates/smollm2-135m-unit --choose runs/alloc-e2e-rs/gateskip.safetensors \
+      runs/alloc-e2e-s4/gateskip.safetensors --text $TRAIN --sequences 8 --length 256 --skip-sequences 16 \
+      --overwrite --plot gates/smollm2-135m-unit/allocation.png 2>&1 | tee $D/choose.log
+    # 2. A search on prompt-length text: 12 blocks of 64 tokens (task prompts are 30-150 tokens),
+    #    the same gates (round 4's file before step 1).
+    mkdir -p $R/short && git show 27430c7:gates/smollm2-135m-unit/gateskip.safetensors > $R/short/gateskip.safetensors
+    $G allocate smollm2-135m --gates $R/short/gateskip.safetensors --targets 0.05 0.1 0.15 0.2 0.25 0.3 \
+      --text $TRAIN --sequences 12 --length 64 --levels 0.5 1.0 --overwrite --plot $R/short/allocation.png \
+      2>&1 | tee $D/allocate-short.log
+    # 3. Per target, the best of all four on 32 x 64 tokens of training text no search used (blocks 64-95 of 64).
+    $G allocate smollm2-135m --gates gates/smollm2-135m-unit --choose runs/alloc-e2e-rs/gateskip.safetensors \
+      runs/alloc-e2e-s4/gateskip.safetensors $R/short/gateskip.safetensors --text $TRAIN --sequences 32 --length 64 \
+      --skip-sequences 64 --overwrite --plot gates/smollm2-135m-unit/allocation.png 2>&1 | tee $D/choose-short.log ;;
   table)
     .venv/bin/python experiments/r5_table.py $R/table-a $R/table-b --out $D ;;
   *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|gs-a|gs-b|table" >&2; exit 2 ;;

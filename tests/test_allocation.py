@@ -120,19 +120,23 @@ def test_the_search_path_is_nested_and_kl_grows_with_the_target():
     assert removed[0] <= removed[1] <= removed[2]
 
 
-def test_choose_keeps_the_lowest_kl_candidate_per_target():
+def test_choose_keeps_the_lowest_kl_candidate_that_reaches_the_target():
     model = gated()
     searched = search(model, search_text(), [0.1, 0.2], levels=(0.5, 1.0))
-    # A second "search" whose entries are swapped: its 0.1 skips more than the first's, its 0.2 less.
-    swapped = {"0.1": searched["0.2"], "0.2": searched["0.1"]}
+    more = {"0.1": searched["0.2"]}  # reaches 0.1 (it saves 0.2), at a higher KL
+    less = {"0.2": searched["0.1"]}  # a lower KL, but it saves only 0.1: not eligible for 0.2
     held_back = search_text(seed=3)
-    chosen = choose(model, {"first": searched, "swapped": swapped}, held_back, ["0.1", "0.2"])
-    assert [chosen[t]["chosen_from"] for t in ("0.1", "0.2")] == ["first", "swapped"]
-    assert chosen["0.2"]["ratios"] == searched["0.1"]["ratios"]
+    chosen = choose(model, {"more": more, "first": searched, "less": less}, held_back, ["0.1", "0.2"])
+    assert [chosen[t]["chosen_from"] for t in ("0.1", "0.2")] == ["first", "first"]
+    assert chosen["0.2"]["ratios"] == searched["0.2"]["ratios"]
+    assert chosen["0.2"]["measured_saving"] == pytest.approx(0.2, abs=0.01)
     ids, mask = held_back
     with torch.no_grad():
         base = torch.log_softmax(logits(model, ids, mask, SkipPlan(apply_gates=False)).float(), -1)
     assert chosen["0.1"]["kl"] == pytest.approx(kl_to_base(model, ids, mask, base, AllocationBudget(searched["0.1"]["ratios"], 0.0)))
+    assert choose(model, {"more": more, "first": searched}, held_back, ["0.1"])["0.1"]["chosen_from"] == "first"
+    # Nothing reaches the target: the candidate that saves most is kept.
+    assert choose(model, {"less": less}, held_back, ["0.2"])["0.2"]["chosen_from"] == "less"
     with pytest.raises(GateSkipError, match="no candidate holds an allocation for 0.3"):
         choose(model, {"first": searched}, held_back, ["0.3"])
 

@@ -35,10 +35,11 @@ from tqdm import tqdm
 from .budget import AllocationBudget, check_ratio
 from .calibrate import calibrate_allocation, ratio_key, sample_tokens
 from .errors import GateSkipError
-from .flops import ModelDims, gate_flops_per_token
+from .flops import ModelDims, flop_report, gate_flops_per_token
 from .gates import GateBank
 from .model import is_gated
 from .plan import SkipPlan
+from .stats import SkipStats
 from .validate import check_output_file, existing_path, fits_context, integer, ratio, text_source
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
@@ -202,26 +203,39 @@ def search(
 
 @torch.no_grad()
 def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.Tensor, torch.Tensor],
-           targets: Sequence[str]) -> dict[str, dict]:
-    """Per target key, the candidate allocation with the lowest KL to the base on `samples`,
-    measured with the model's gates; returns {target key: entry}, each entry a copy of the
-    winner's with "kl" measured here and "chosen_from" naming it.
+           targets: Sequence[str], tolerance: float = 0.005) -> dict[str, dict]:
+    """Per target key, the candidate allocation with the lowest KL to the base on `samples`
+    among those whose net saving measured there (gates included) reaches the target within
+    `tolerance`; returns {target key: entry}, each a copy of the winner's with "kl" and
+    "measured_saving" from `samples` and "chosen_from" naming it.
+
+    Savings are measured, not taken from the candidates: a search predicts them at its own
+    text's length, and on shorter text attention is a smaller share, so an allocation searched
+    on long blocks saves less on short ones (and would win on KL by skipping less). If no
+    candidate reaches a target, the one that saves most is kept.
 
     candidates: {name: {target key: allocation entry}}, e.g. the allocations stored by several
     searches. `samples` should be text none of those searches used (a held-back choice)."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in samples)
     base_logp = F.log_softmax(model(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False)).logits.float(), -1)
+    dims = ModelDims.from_config(model.config)
+
+    def measure(ratios: dict[str, float]) -> tuple[float, float]:
+        stats = SkipStats()
+        logits = model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=AllocationBudget(ratios, 0.0), stats=stats)).logits
+        saving = flop_report(stats, dims, model.gate_bank.config).net_saving
+        return mean_kl(base_logp, F.log_softmax(logits.float(), -1), mask.bool()), saving
+
     chosen: dict[str, dict] = {}
     for key in targets:
         offers = [(name, allocations[key]) for name, allocations in candidates.items() if key in allocations]
         if not offers:
             raise GateSkipError(f"no candidate holds an allocation for {key}")
-        scored = [(kl_to_base(model, ids, mask, base_logp, AllocationBudget(entry["ratios"], 0.0)), i)
-                  for i, (_, entry) in enumerate(tqdm(offers, desc=f"choosing {key}", leave=False))]
-        kl, best = min(scored)
-        name, entry = offers[best]
-        chosen[key] = {**entry, "kl": kl, "chosen_from": name}
+        scored = [(*measure(entry["ratios"]), name, entry) for name, entry in tqdm(offers, desc=f"choosing {key}", leave=False)]
+        eligible = [o for o in scored if o[1] >= float(key) - tolerance]
+        kl, saving, name, entry = min(eligible, key=lambda o: o[0]) if eligible else max(scored, key=lambda o: o[1])
+        chosen[key] = {**entry, "kl": kl, "measured_saving": saving, "chosen_from": name}
     return chosen
 
 
@@ -284,7 +298,9 @@ def describe(allocations: dict) -> str:
         r = allocations[t]["ratios"]
         removed = sorted((k for k, v in r.items() if v == 1.0), key=lambda k: (k[:4], int(k.split(".")[1])))
         partial = sum(0 < v < 1 for v in r.values())
-        source = f" (chosen from {allocations[t]['chosen_from']})" if "chosen_from" in allocations[t] else ""
+        entry = allocations[t]
+        measured = f", saving {entry['measured_saving']:.3f} measured there" if "measured_saving" in entry else ""
+        source = f" (chosen from {entry['chosen_from']}{measured})" if "chosen_from" in entry else ""
         lines.append(f"target {t}: saving {allocations[t]['saving']:.3f}, KL {allocations[t]['kl']:.4f}{source}, "
                      f"{partial} modules partly skipped, removed: {', '.join(removed) or 'none'}")
     return "\n".join(lines)
