@@ -9,6 +9,7 @@
 #   bash experiments/r5.sh sg-a & bash experiments/r5.sh sg-b     # base and ShortGPT
 #   bash experiments/r5.sh alloc         # (beside them) choose / search the shipped allocations
 #   bash experiments/r5.sh gs-a & bash experiments/r5.sh gs-b     # the shipped gates
+#   bash experiments/r5.sh proxy-final   # (beside them) the shipped allocations on both proxies
 #   bash experiments/r5.sh table
 # Half a is HellaSwag; half b ARC-Easy, ARC-Challenge, WinoGrande and PIQA. (PIQA's base and
 # ShortGPT-10 % points ran in half a's folder before PIQA moved to half b to balance the
@@ -30,6 +31,13 @@ case "${1:-}" in
   proxy-short)
     $G proxy smollm2-135m --gates gates/smollm2-135m-unit --methods gateskip,shortgpt --text $HELDOUT \
       --search-text $TRAIN --blocks 32 --length 64 --agreement 20 --out $D/proxy-short ;;
+  proxy-final)
+    # The shipped allocations (after alloc) on the proxies: 8 x 256 held-out tokens against ShortGPT
+    # and random in one run, and the 64-token blocks with agreement (ShortGPT's rows: proxy-short).
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --methods gateskip,shortgpt,random --text $HELDOUT \
+      --search-text $TRAIN --blocks 8 --length 256 --out $D/proxy-final
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --methods gateskip --text $HELDOUT \
+      --search-text $TRAIN --blocks 32 --length 64 --agreement 20 --out $D/proxy-final-short ;;
   sg-a|sg-b)
     H=${1#sg-}
     $EVAL --tasks "$(half $H)" --method shortgpt --budgets 0.1,0.2,0.3 --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
@@ -55,5 +63,5 @@ case "${1:-}" in
       --skip-sequences 64 --overwrite --plot gates/smollm2-135m-unit/allocation.png 2>&1 | tee $D/choose-short.log ;;
   table)
     .venv/bin/python experiments/r5_table.py $R/table-a $R/table-b --out $D ;;
-  *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|gs-a|gs-b|table" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|gs-a|gs-b|proxy-final|table" >&2; exit 2 ;;
 esac

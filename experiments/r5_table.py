@@ -1,13 +1,8 @@
 """Round 5's task table (experiments/r5.sh): merge the sweep folders of the two halves of the
-tasks and render the five-task table, the means with their standard errors, and the issue's
-targets; or seed a sweep folder with another folder's base records.
+tasks and render the five-task table, the means with their standard errors, and gateskip
+against ShortGPT at each budget.
 
-    python experiments/r5_table.py runs/r5/table-a runs/r5/table-b --paper runs/r5/paper-a runs/r5/paper-b \
-        --out docs/results/experiment-r5
-    python experiments/r5_table.py --seed-base runs/r5/table-a --gates GATES --into runs/r5/paper-a
-
-The base runs without gates (identity gates, nothing applied), so its records are the same
-whichever gate file a sweep names; seeding only saves recomputing them.
+    python experiments/r5_table.py runs/r5/table-a runs/r5/table-b --out docs/results/experiment-r5
 """
 
 from __future__ import annotations
@@ -25,28 +20,12 @@ NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellasw
 METRIC = "acc"
 
 
-def seed_base(source: Path, gates: str, into: Path) -> None:
-    saved = json.loads((source / "results.json").read_text())
-    if (into / "results.json").exists():
-        print(f"{into} already has results; left as it is")
-        return
-    base = [r for r in saved["records"] if r["method"] == "base"]
-    into.mkdir(parents=True, exist_ok=True)
-    payload = {**saved, "settings": {**saved["settings"], "gates": gates}, "records": base}
-    (into / "results.json").write_text(json.dumps(payload, indent=1))
-    print(f"seeded {into} with {len(base)} base records from {source}")
-
-
-def records(folders: list[Path], label: str | None = None) -> list[dict]:
+def records(folders: list[Path]) -> list[dict]:
     out = []
     for folder in folders:
         path = folder / "results.json"
-        if not path.is_file():
-            continue
-        for r in json.loads(path.read_text())["records"]:
-            if r["metric"] != METRIC or (label and r["method"] == "base"):
-                continue
-            out.append({**r, "method": label or r["method"]})
+        if path.is_file():
+            out += [r for r in json.loads(path.read_text())["records"] if r["metric"] == METRIC]
     return out
 
 
@@ -55,7 +34,7 @@ def rows(recs: list[dict]) -> list[dict]:
     grouped: dict[tuple[str, float], dict[str, dict]] = defaultdict(dict)
     for r in recs:
         grouped[(r["method"], r["budget"])][r["task"]] = r
-    order = {"base": 0, "gateskip": 1, "shortgpt": 2, "random": 3, "paper": 4}
+    order = {"base": 0, "gateskip": 1, "shortgpt": 2, "random": 3}
     out = []
     for (method, budget), by_task in sorted(grouped.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9))):
         complete = all(t in by_task for t in TASKS)
@@ -109,7 +88,7 @@ def plot(table: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     base = next((r for r in table if r["method"] == "base" and r["complete"]), None)
-    for method, style in (("gateskip", "o-"), ("shortgpt", "s-"), ("random", "x"), ("paper", "^")):
+    for method, style in (("gateskip", "o-"), ("shortgpt", "s-"), ("random", "x")):
         pts = sorted((r["net_saving"], r["mean"], r["mean_stderr"]) for r in table if r["method"] == method and r["complete"])
         if base and method in ("gateskip", "shortgpt"):
             pts = [(0.0, base["mean"], base["mean_stderr"])] + pts
@@ -127,17 +106,10 @@ def plot(table: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folders", nargs="*", type=Path)
-    p.add_argument("--paper", nargs="*", type=Path, default=[], help="sweeps of the paper's configuration")
+    p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--out", type=Path)
-    p.add_argument("--seed-base", type=Path)
-    p.add_argument("--gates")
-    p.add_argument("--into", type=Path)
     args = p.parse_args()
-    if args.seed_base:
-        seed_base(args.seed_base, args.gates, args.into)
-        return
-    table = rows(records(args.folders) + records(args.paper, label="paper"))
+    table = rows(records(args.folders))
     text = f"Five tasks, metric {METRIC}, lm-eval standard errors.\n\n{markdown(table)}\n{comparisons(table)}"
     print(text)
     if args.out:
@@ -145,7 +117,7 @@ def main() -> None:
         (args.out / "table.md").write_text(text)
         (args.out / "table.json").write_text(json.dumps(table, indent=1))
         plot(table, args.out / "tasks.png")
-        for folder in [*args.folders, *args.paper]:
+        for folder in args.folders:
             if (folder / "results.json").is_file():
                 (args.out / folder.name).mkdir(exist_ok=True)
                 for name in ("results.json", "results.md"):
