@@ -13,7 +13,10 @@
 #   bash experiments/r5.sh table
 # Half a is HellaSwag; half b ARC-Easy, ARC-Challenge, WinoGrande and PIQA. (PIQA's base and
 # ShortGPT-10 % points ran in half a's folder before PIQA moved to half b to balance the
-# halves; the table merges both folders.) Every eval resumes its folder.
+# halves; the table merges both folders.) Half a also ran random token skipping at 20 % on
+# HellaSwag (the `random` stage). To finish in the session, half b's 30 % points ran on both
+# cores: ARC-Challenge and WinoGrande in table-b, ARC-Easy and PIQA in table-c, a copy of
+# table-b's results.json at the time (the `gs-b30` stage). Every eval resumes its folder.
 # Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, three jobs at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +46,8 @@ case "${1:-}" in
     $EVAL --tasks "$(half $H)" --method shortgpt --budgets 0.1,0.2,0.3 --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
   gs-a|gs-b)
     H=${1#gs-}
-    $EVAL --tasks "$(half $H)" --method gateskip --budgets 0.1,0.2,0.3 --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
+    B=0.1,0.2,0.3; [ $H = b ] && B=0.1,0.2   # half b's 30 %: gs-b30
+    $EVAL --tasks "$(half $H)" --method gateskip --budgets $B --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
   alloc)
     # 1. Per target, the best of round 4's three searches (round 3's ratios, searched again on
     #    512 and on 1024 tokens; experiments/r4.sh steps 6 and 8) on 8 x 256 tokens of training
@@ -61,7 +65,14 @@ case "${1:-}" in
     $G allocate smollm2-135m --gates gates/smollm2-135m-unit --choose runs/alloc-e2e-rs/gateskip.safetensors \
       runs/alloc-e2e-s4/gateskip.safetensors $R/short/gateskip.safetensors --text $TRAIN --sequences 32 --length 64 \
       --skip-sequences 64 --overwrite --plot gates/smollm2-135m-unit/allocation.png 2>&1 | tee $D/choose-short.log ;;
+  random)
+    $EVAL --tasks hellaswag --method random --budgets 0.2 --out $R/table-a 2>&1 | tee -a $R/table-a.log ;;
+  gs-b30)
+    mkdir -p $R/table-c && cp $R/table-b/results.json $R/table-c/
+    $EVAL --tasks arc_easy,piqa --method gateskip --budgets 0.3 --out $R/table-c 2>&1 | tee -a $R/table-c.log &
+    $EVAL --tasks arc_challenge,winogrande --method gateskip --budgets 0.3 --out $R/table-b 2>&1 | tee -a $R/table-b.log
+    wait ;;
   table)
-    .venv/bin/python experiments/r5_table.py $R/table-a $R/table-b --out $D ;;
-  *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|gs-a|gs-b|proxy-final|table" >&2; exit 2 ;;
+    .venv/bin/python experiments/r5_table.py $R/table-a $R/table-b $R/table-c --out $D ;;
+  *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|random|gs-a|gs-b|gs-b30|proxy-final|table" >&2; exit 2 ;;
 esac
