@@ -67,6 +67,10 @@ case "${1:-}" in
       --skip-sequences 64 --overwrite --plot gates/smollm2-135m-unit/allocation.png 2>&1 | tee $D/choose-short.log ;;
   random)
     $EVAL --tasks hellaswag --method random --budgets 0.2 --out $R/table-a 2>&1 | tee -a $R/table-a.log ;;
+  random-b)  # after gs-b30, on both cores
+    $EVAL --tasks arc_easy,arc_challenge --method random --budgets 0.2 --out $R/table-b 2>&1 | tee -a $R/table-b.log &
+    $EVAL --tasks winogrande,piqa --method random --budgets 0.2 --out $R/table-c 2>&1 | tee -a $R/table-c.log
+    wait ;;
   gs-b30)
     mkdir -p $R/table-c && cp $R/table-b/results.json $R/table-c/
     $EVAL --tasks arc_easy,piqa --method gateskip --budgets 0.3 --out $R/table-c 2>&1 | tee -a $R/table-c.log &
@@ -74,5 +78,5 @@ case "${1:-}" in
     wait ;;
   table)
     .venv/bin/python experiments/r5_table.py $R/table-a $R/table-b $R/table-c --out $D ;;
-  *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|random|gs-a|gs-b|gs-b30|proxy-final|table" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/r5.sh proxy-short|sg-a|sg-b|alloc|random|gs-a|gs-b|gs-b30|random-b|proxy-final|table" >&2; exit 2 ;;
 esac
