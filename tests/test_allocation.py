@@ -126,7 +126,9 @@ def test_choose_keeps_the_lowest_kl_candidate_that_reaches_the_target():
     more = {"0.1": searched["0.2"]}  # reaches 0.1 (it saves 0.2), at a higher KL
     less = {"0.2": searched["0.1"]}  # a lower KL, but it saves only 0.1: not eligible for 0.2
     held_back = search_text(seed=3)
-    chosen = choose(model, {"more": more, "first": searched, "less": less}, held_back, ["0.1", "0.2"])
+    lines = []
+    chosen = choose(model, {"more": more, "first": searched, "less": less}, held_back, ["0.1", "0.2"], progress=lines.append)
+    assert len(lines) == 4 and sum("short of the target" in line for line in lines) == 1
     assert [chosen[t]["chosen_from"] for t in ("0.1", "0.2")] == ["first", "first"]
     assert chosen["0.2"]["ratios"] == searched["0.2"]["ratios"]
     assert chosen["0.2"]["measured_saving"] == pytest.approx(0.2, abs=0.01)

@@ -203,7 +203,8 @@ def search(
 
 @torch.no_grad()
 def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.Tensor, torch.Tensor],
-           targets: Sequence[str], tolerance: float = 0.005) -> dict[str, dict]:
+           targets: Sequence[str], tolerance: float = 0.005,
+           progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Per target key, the candidate allocation with the lowest KL to the base on `samples`
     among those whose net saving measured there (gates included) reaches the target within
     `tolerance`; returns {target key: entry}, each a copy of the winner's with "kl" and
@@ -215,7 +216,8 @@ def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.T
     candidate reaches a target, the one that saves most is kept.
 
     candidates: {name: {target key: allocation entry}}, e.g. the allocations stored by several
-    searches. `samples` should be text none of those searches used (a held-back choice)."""
+    searches. `samples` should be text none of those searches used (a held-back choice).
+    `progress` is called with one line per candidate measured."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in samples)
     base_logp = F.log_softmax(model(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False)).logits.float(), -1)
@@ -234,6 +236,10 @@ def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.T
             raise GateSkipError(f"no candidate holds an allocation for {key}")
         scored = [(*measure(entry["ratios"]), name, entry) for name, entry in tqdm(offers, desc=f"choosing {key}", leave=False)]
         eligible = [o for o in scored if o[1] >= float(key) - tolerance]
+        if progress:
+            for kl, saving, name, _ in scored:
+                short = "" if saving >= float(key) - tolerance else ", short of the target"
+                progress(f"target {key}: {name}: KL {kl:.4f}, saving {saving:.3f} measured{short}")
         kl, saving, name, entry = min(eligible, key=lambda o: o[0]) if eligible else max(scored, key=lambda o: o[1])
         chosen[key] = {**entry, "kl": kl, "measured_saving": saving, "chosen_from": name}
     return chosen
@@ -374,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.show:
         samples = sample_tokens(tokenizer, args.text, args.sequences, args.length, skip=args.skip_sequences)
         if args.choose:
-            found = choose(model, candidates, samples, targets)
+            found = choose(model, candidates, samples, targets, progress=lambda line: tqdm.write(line))
             calibrate_allocation(model, samples, {k: e for k, e in found.items() if e["chosen_from"] != str(args.gates)})
         else:
             found = search(model, samples, args.targets, sorted(args.levels), progress=lambda line: tqdm.write(line))
