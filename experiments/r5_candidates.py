@@ -1,6 +1,6 @@
 """KL to the base of every stored allocation of several gate files, on held-back training
-text (round 5's "Choosing" table in docs/experiment.md; `gateskip allocate --choose` prints
-only the winners):
+text (round 5's "Choosing" table in docs/experiment.md; round 5's `gateskip allocate --choose`
+printed only the winners, as it did then):
 
     OMP_NUM_THREADS=1 python experiments/r5_candidates.py 16 8 gates/smollm2-135m-unit/gateskip.safetensors \
         runs/alloc-e2e-rs/gateskip.safetensors runs/alloc-e2e-s4/gateskip.safetensors
