@@ -37,7 +37,7 @@ from .calibrate import calibrate_allocation, ratio_key, sample_tokens
 from .errors import GateSkipError
 from .flops import ModelDims, flop_report, gate_flops_per_token
 from .gates import GateBank
-from .model import is_gated
+from .model import check_allocation_modules, is_gated, read_gate_file
 from .plan import SkipPlan
 from .stats import SkipStats
 from .validate import check_output_file, existing_path, fits_context, integer, ratio, text_source
@@ -101,10 +101,12 @@ def mean_kl(base_logp: torch.Tensor, logp: torch.Tensor, valid: torch.Tensor) ->
     return float((base_logp.exp() * (base_logp - logp)).sum(-1)[valid].mean())
 
 
-def kl_to_base(model, ids: torch.Tensor, mask: torch.Tensor, base_logp: torch.Tensor, budget) -> float:
-    """Mean KL(base || skipping model) of next-token distributions over real tokens."""
+def kl_to_base(model, ids: torch.Tensor, mask: torch.Tensor, base_logp: torch.Tensor, budget,
+               stats: SkipStats | None = None) -> float:
+    """Mean KL(base || skipping model) of next-token distributions over real tokens (the skips
+    counted into `stats` when given)."""
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=budget)).logits.float()
+        logits = model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=budget, stats=stats)).logits.float()
     return mean_kl(base_logp, F.log_softmax(logits, dim=-1), mask.bool())
 
 
@@ -225,9 +227,8 @@ def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.T
 
     def measure(ratios: dict[str, float]) -> tuple[float, float]:
         stats = SkipStats()
-        logits = model(ids, attention_mask=mask, skip_plan=SkipPlan(budget=AllocationBudget(ratios, 0.0), stats=stats)).logits
-        saving = flop_report(stats, dims, model.gate_bank.config).net_saving
-        return mean_kl(base_logp, F.log_softmax(logits.float(), -1), mask.bool()), saving
+        kl = kl_to_base(model, ids, mask, base_logp, AllocationBudget(ratios, 0.0), stats)
+        return kl, flop_report(stats, dims, model.gate_bank.config).net_saving
 
     chosen: dict[str, dict] = {}
     for key in targets:
@@ -235,10 +236,11 @@ def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.T
         if not offers:
             raise GateSkipError(f"no candidate holds an allocation for {key}")
         scored = [(*measure(entry["ratios"]), name, entry) for name, entry in tqdm(offers, desc=f"choosing {key}", leave=False)]
-        eligible = [o for o in scored if o[1] >= float(key) - tolerance]
+        floor = float(key) - tolerance  # the saving a candidate must measure to be eligible
+        eligible = [o for o in scored if o[1] >= floor]
         if progress:
             for kl, saving, name, _ in scored:
-                short = "" if saving >= float(key) - tolerance else ", short of the target"
+                short = "" if saving >= floor else ", short of the target"
                 progress(f"target {key}: {name}: KL {kl:.4f}, saving {saving:.3f} measured{short}")
         kl, saving, name, entry = min(eligible, key=lambda o: o[0]) if eligible else max(scored, key=lambda o: o[1])
         chosen[key] = {**entry, "kl": kl, "measured_saving": saving, "chosen_from": name}
@@ -301,13 +303,13 @@ def describe(allocations: dict) -> str:
     """One line per stored target: predicted saving, KL on the search text, modules removed / partial."""
     lines = []
     for t in sorted(allocations, key=float):
-        r = allocations[t]["ratios"]
+        entry = allocations[t]
+        r = entry["ratios"]
         removed = sorted((k for k, v in r.items() if v == 1.0), key=lambda k: (k[:4], int(k.split(".")[1])))
         partial = sum(0 < v < 1 for v in r.values())
-        entry = allocations[t]
         measured = f", saving {entry['measured_saving']:.3f} measured there" if "measured_saving" in entry else ""
         source = f" (chosen from {entry['chosen_from']}{measured})" if "chosen_from" in entry else ""
-        lines.append(f"target {t}: saving {allocations[t]['saving']:.3f}, KL {allocations[t]['kl']:.4f}{source}, "
+        lines.append(f"target {t}: saving {entry['saving']:.3f}, KL {entry['kl']:.4f}{source}, "
                      f"{partial} modules partly skipped, removed: {', '.join(removed) or 'none'}")
     return "\n".join(lines)
 
@@ -342,8 +344,6 @@ def register(subparsers) -> None:
 def candidate_allocations(bank: GateBank, own: Path, others: Sequence[Path]) -> dict[str, dict[str, dict]]:
     """{gate file: its stored allocations} for --choose, the gate file's own first; each
     file's allocations must name only these gates' modules (made for this model)."""
-    from .model import check_allocation_modules, read_gate_file
-
     found = {str(own): bank.allocations}
     for path in others:
         allocations = read_gate_file(path)[0].get("allocations", {})
