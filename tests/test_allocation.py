@@ -8,7 +8,9 @@ import torch
 from conftest import padded_batch, tiny_model
 from test_model import logits, scramble_gates
 from gateskip import AllocationBudget, GateConfig, GateSkipError, ModelDims, SkipPlan, SkipStats, add_gates, flop_report
-from gateskip.allocation import allocation_budget, choose, kl_to_base, module_costs, predicted_saving, search, store
+from gateskip.allocation import (allocation_budget, choose, kl_to_base, layer_removal, module_costs, predicted_saving,
+                                 refine, sample_costs, search, store)
+from gateskip.baselines import least_influential
 from gateskip.calibrate import calibrate_allocation
 from gateskip.model import load_gates, save_gates
 from gateskip.plan import GateTrace
@@ -118,6 +120,38 @@ def test_the_search_path_is_nested_and_kl_grows_with_the_target():
     assert kls == sorted(kls) and kls[0] > 0
     removed = [{k for k, r in found[t]["ratios"].items() if r == 1.0} for t in ("0.1", "0.2", "0.3")]
     assert removed[0] <= removed[1] <= removed[2]
+
+
+def test_layer_removal_removes_the_least_influential_whole_layers_within_the_target():
+    model, sample = gated(), search_text()
+    costs, dense = sample_costs(model, sample[1])
+    order = least_influential(model, sample, 3)
+    assert layer_removal(model, sample, 0.2) == {}  # one layer saves a third: beyond 0.2
+    ratios = layer_removal(model, sample, 0.7)
+    assert ratios == {f"{b}.{i}": 1.0 for i in order[:2] for b in ("attn", "mlp")}
+    assert predicted_saving(ratios, costs, dense) <= 0.7
+
+
+def test_refine_exchanges_a_costly_removal_and_meets_the_target():
+    # In this tiny model attention is costly and the MLPs nearly free: layer removal's attention
+    # should be given back and paid for with MLP tokens.
+    model, sample = gated(), search_text()
+    seed = layer_removal(model, sample, 0.4)
+    topped = refine(model, sample, {"0.4": seed}, levels=(0.5, 1.0), rounds=0)["0.4"]
+    assert seed.items() <= topped["ratios"].items() and topped["saving"] == pytest.approx(0.4)
+    lines = []
+    found = refine(model, sample, {"0.4": seed}, levels=(0.5, 1.0), rounds=4, progress=lines.append)["0.4"]
+    assert found["kl"] < topped["kl"] and found["saving"] == pytest.approx(0.4)
+    assert found["ratios"].get(next(k for k in seed if k.startswith("attn.")), 0.0) < 1.0
+    assert len(lines) == 1 and "exchanges" in lines[0]
+    ids, mask = sample
+    with torch.no_grad():
+        base = torch.log_softmax(logits(model, ids, mask, SkipPlan(apply_gates=False)).float(), -1)
+    assert found["kl"] == pytest.approx(kl_to_base(model, ids, mask, base, AllocationBudget(found["ratios"], 0.0)))
+    stats = SkipStats()
+    logits(model, *search_text(seed=1), SkipPlan(budget=AllocationBudget(found["ratios"], 0.4), stats=stats))
+    report = flop_report(stats, ModelDims.from_config(model.config), model.gate_bank.config)
+    assert report.net_saving == pytest.approx(0.4, abs=0.01)
 
 
 def test_choose_keeps_the_lowest_kl_candidate_that_reaches_the_target():

@@ -130,6 +130,10 @@ MISTAKES = [
      "--levels must include 1"),
     ("allocate --show --choose", "allocate {model} --gates {gates} --show --choose {gates}",
      "does not go with --choose"),
+    ("allocate --show --refine", "allocate {model} --gates {gates} --show --refine removal",
+     "does not go with --refine"),
+    ("allocate --refine --choose", "allocate {model} --gates {gates} --targets 0.1 --refine removal --choose {gates}",
+     "give one of them"),
     ("allocate --choose a file without allocations", "allocate {model} --gates {gates} --choose {gates} --length 16",
      "holds no allocations to choose from"),
     ("allocate --skip-sequences past the text",
@@ -478,6 +482,14 @@ def test_allocate_keeps_stored_allocations_and_plots_without_overwrite(assets, t
     assert "chosen_from" in read_gate_file(gates / "gateskip.safetensors")[0]["allocations"]["0.1"]
     run_refused(["allocate", assets["model"], "--gates", gates, "--choose", assets["gates"], "--length", "16"], capsys,
                 "holds no allocations to choose from")
+    # --refine: an exchange search per target, from layer removal or from the stored allocation.
+    refine = ["allocate", assets["model"], "--gates", gates, "--text", assets["text"], "--length", "16",
+              "--sequences", "1", "--levels", "0.5", "1", "--rounds", "1", "--overwrite", "--refine"]
+    run_refused([*refine, "stored", "--targets", "0.2"], capsys, "holds no allocation for 0.2 to start from")
+    run_ok([*refine, "stored", "--targets", "0.1"])
+    run_ok([*refine, "removal", "--targets", "0.1", "0.2", "--bf16"])
+    stored = read_gate_file(gates / "gateskip.safetensors")[0]["allocations"]
+    assert set(stored) == {"0.1", "0.2"} and "chosen_from" not in stored["0.1"]
 
 
 # ---------------------------------------------------------------- non-finite values

@@ -37,7 +37,7 @@ from .calibrate import calibrate_allocation, ratio_key, sample_tokens
 from .errors import GateSkipError
 from .flops import ModelDims, flop_report, gate_flops_per_token
 from .gates import GateBank
-from .model import check_allocation_modules, is_gated, read_gate_file
+from .model import check_allocation_modules, decoder_layers, is_gated, read_gate_file
 from .plan import SkipPlan
 from .stats import SkipStats
 from .validate import check_output_file, existing_path, fits_context, integer, ratio, text_source
@@ -110,6 +110,125 @@ def kl_to_base(model, ids: torch.Tensor, mask: torch.Tensor, base_logp: torch.Te
     return mean_kl(base_logp, F.log_softmax(logits, dim=-1), mask.bool())
 
 
+def sample_costs(model, mask: torch.Tensor) -> tuple[dict[str, ModuleCost], float]:
+    """module_costs at the mean context and length of a sample's real tokens."""
+    context = float((mask.cumsum(1) * mask).sum() / mask.sum())
+    length = float(mask.sum(1).float().mean())
+    return module_costs(model.gate_bank, ModelDims.from_config(model.config), context, length)
+
+
+class _Meter:
+    """KL to the base and predicted net saving of allocations on one sample of search text
+    (the base: nothing skipped, gates not applied); counts the forwards it runs."""
+
+    def __init__(self, model, samples: tuple[torch.Tensor, torch.Tensor]):
+        if not is_gated(model):
+            raise GateSkipError("an allocation needs a model with gates (add_gates or load_gates first)")
+        device = next(model.parameters()).device
+        self.model = model
+        self.ids, self.mask = (t.to(device) for t in samples)
+        self.keys = model.gate_bank.module_keys()
+        self.costs, self.dense = sample_costs(model, self.mask)
+        self.most = self.saving(dict.fromkeys(self.keys, 1.0))
+        base = model(self.ids, attention_mask=self.mask, skip_plan=SkipPlan(apply_gates=False)).logits.float()
+        self.base_logp = F.log_softmax(base, -1)
+        self.evaluations = 0
+
+    def kl(self, ratios: dict[str, float]) -> float:
+        self.evaluations += 1
+        return kl_to_base(self.model, self.ids, self.mask, self.base_logp, AllocationBudget(ratios, 0.0))
+
+    def saving(self, ratios: dict[str, float]) -> float:
+        return predicted_saving(ratios, self.costs, self.dense)
+
+    def gain(self, ratios: dict[str, float], key: str, ratio: float) -> float:
+        """Net saving added by moving `key` from its ratio in `ratios` to `ratio`."""
+        return (self.costs[key].saving(ratio) - self.costs[key].saving(ratios.get(key, 0.0))) / self.dense
+
+    def check(self, targets: Sequence[float]) -> list[float]:
+        targets = sorted(check_ratio(t) for t in targets)
+        if targets and targets[-1] >= self.most:
+            raise GateSkipError(f"target {targets[-1]:g} is beyond what this model allows: removing every gated module "
+                                f"saves {self.most:.3f} of the decoder-layer FLOPs")
+        return targets
+
+
+Heap = list[tuple[float, int, str, float, float]]  # (KL per unit of saving, step measured, key, ratio, KL)
+
+
+def _climb(meter: _Meter, ratios: dict[str, float], kl: float, targets: Sequence[float], levels: Sequence[float],
+           heap: Heap, scores: dict[str, float] | None = None, progress: Callable[[str], None] | None = None,
+           bar: tqdm | None = None) -> tuple[dict[str, dict], dict[str, float], float]:
+    """Lazy greedy from `ratios` (at `kl`): take the move with the least KL per FLOP saved until
+    every target is passed; returns ({target key: entry}, last ratios, last KL). `scores`,
+    when given, is updated with each module's latest KL per FLOP.
+
+    heap entries measured at step 0 are fresh for the start, others (step -1) are ranked by an
+    older measurement until they reach the top and are measured again under what is chosen."""
+    ratios, heap, step = dict(ratios), list(heap), 0
+    heapq.heapify(heap)
+    found: dict[str, dict] = {}
+    pending = [t for t in targets if t > 0]
+
+    def moves(key: str) -> list[float]:
+        now = ratios.get(key, 0.0)
+        higher = [lv for lv in levels if lv > now]
+        return sorted({higher[0], 1.0}) if higher else []
+
+    def measure(key: str, ratio: float) -> tuple[float, float] | None:
+        gain = meter.gain(ratios, key, ratio)
+        if gain <= 0:
+            return None
+        trial = meter.kl({**ratios, key: ratio})
+        if scores is not None:
+            scores[key] = (trial - kl) / gain
+        return (trial - kl) / gain, trial
+
+    while pending and heap:
+        score, measured, key, r, new_kl = heapq.heappop(heap)
+        if ratios.get(key, 0.0) >= r:
+            continue  # this module already moved past that level
+        if measured != step:  # stale: re-measure under what is chosen now, then rank again
+            m = measure(key, r)
+            if m is not None:
+                heapq.heappush(heap, (m[0], step, key, r, m[1]))
+            continue
+        before = ratios.get(key, 0.0)
+        ratios[key] = r
+        saving = meter.saving(ratios)
+        while pending and saving >= pending[0] - 1e-12:
+            fitted = _fit(ratios, key, before, meter.costs, meter.dense, pending[0])
+            fitted_kl = new_kl if fitted == ratios else meter.kl(fitted)
+            found[ratio_key(pending[0])] = {"ratios": fitted, "saving": meter.saving(fitted), "kl": fitted_kl}
+            if progress:
+                progress(f"target {pending[0]:g}: KL {fitted_kl:.4f} after {meter.evaluations} forwards")
+            pending.pop(0)
+        if bar is not None:
+            bar.update(round(100 * saving) - bar.n)
+        kl, step = new_kl, step + 1
+        for nr in moves(key):
+            heapq.heappush(heap, (score, -1, key, nr, math.nan))  # ranked by the step just taken until measured
+    if pending:
+        raise GateSkipError(f"the search ran out of modules to skip at {meter.saving(ratios):.3f} net saving")
+    return found, ratios, kl
+
+
+def _first_look(meter: _Meter, ratios: dict[str, float], kl: float, levels: Sequence[float]) -> Heap:
+    """What removing each module not yet removed costs, from `ratios`: fresh entries for removal,
+    and its partial steps ranked the same until they are measured."""
+    heap: Heap = []
+    for key in tqdm([k for k in meter.keys if ratios.get(k, 0.0) < 1.0], desc="allocation: removing each module",
+                    unit="module", leave=False):
+        gain = meter.gain(ratios, key, 1.0)
+        if gain <= 0:
+            continue
+        trial = meter.kl({**ratios, key: 1.0})
+        score = (trial - kl) / gain
+        heap.append((score, 0, key, 1.0, trial))
+        heap.extend((score, -1, key, lv, math.nan) for lv in levels if ratios.get(key, 0.0) < lv < 1.0)
+    return heap
+
+
 @torch.no_grad()
 def search(
     model,
@@ -122,84 +241,87 @@ def search(
 
     samples: (ids, mask) of text no evaluation uses. KL is measured against the model with
     nothing skipped and the gates not applied (the base)."""
-    if not is_gated(model):
-        raise GateSkipError("an allocation needs a model with gates (add_gates or load_gates first)")
-    targets = sorted(check_ratio(t) for t in targets)
-    ids, mask = samples
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    bank = model.gate_bank
-    keys = bank.module_keys()
-    context = float((mask.cumsum(1) * mask).sum() / mask.sum())
-    costs, dense = module_costs(bank, ModelDims.from_config(model.config), context, float(mask.sum(1).float().mean()))
-    most = predicted_saving(dict.fromkeys(keys, 1.0), costs, dense)
-    if targets[-1] >= most:
-        raise GateSkipError(f"target {targets[-1]:g} is beyond what this model allows: removing every gated module "
-                            f"saves {most:.3f} of the decoder-layer FLOPs")
-    base_logp = F.log_softmax(model(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False)).logits.float(), -1)
-
-    ratios: dict[str, float] = {}
-    current_kl = kl_to_base(model, ids, mask, base_logp, AllocationBudget({}, 0.0))
-    saving, step, evaluations = 0.0, 0, 0
-    found: dict[str, dict] = {}
-    for t in targets:
-        if t == 0:
-            found[ratio_key(t)] = {"ratios": {}, "saving": 0.0, "kl": current_kl}
-
-    def moves(key: str) -> list[float]:
-        now = ratios.get(key, 0.0)
-        higher = [lv for lv in levels if lv > now]
-        return sorted({higher[0], 1.0}) if higher else []
-
-    def measure(key: str, ratio: float) -> tuple[float, float] | None:
-        """(KL per unit of saving, KL) of moving `key` to `ratio`, or None if it saves nothing."""
-        nonlocal evaluations
-        gain = (costs[key].saving(ratio) - costs[key].saving(ratios.get(key, 0.0))) / dense
-        if gain <= 0:
-            return None
-        trial = {**ratios, key: ratio}
-        kl = kl_to_base(model, ids, mask, base_logp, AllocationBudget(trial, 0.0))
-        evaluations += 1
-        return (kl - current_kl) / gain, kl
-
-    # First look: what removing each module costs. Its partial steps start ranked the same and
-    # are measured when they reach the top.
-    heap: list[tuple[float, int, str, float, float]] = []  # (score, step measured, key, ratio, kl)
-    for key in tqdm(keys, desc="allocation: removing each module", unit="module", leave=False):
-        m = measure(key, 1.0)
-        if m is not None:
-            heapq.heappush(heap, (m[0], step, key, 1.0, m[1]))
-            for r in moves(key)[:-1]:
-                heapq.heappush(heap, (m[0], -1, key, r, math.nan))
+    meter = _Meter(model, samples)
+    targets = meter.check(targets)
+    kl = meter.kl({})
+    found = {ratio_key(t): {"ratios": {}, "saving": 0.0, "kl": kl} for t in targets if t == 0}
     bar = tqdm(total=round(100 * targets[-1]), desc="allocation", unit="% saved")
-    pending = [t for t in targets if t > 0]
-    while pending and heap:
-        score, measured, key, r, kl = heapq.heappop(heap)
-        if ratios.get(key, 0.0) >= r:
-            continue  # this module already moved past that level
-        if measured != step:  # stale: re-measure under what is chosen now, then rank again
-            m = measure(key, r)
-            if m is not None:
-                heapq.heappush(heap, (m[0], step, key, r, m[1]))
-            continue
-        before = ratios.get(key, 0.0)
-        ratios[key] = r
-        new_saving = predicted_saving(ratios, costs, dense)
-        while pending and new_saving >= pending[0] - 1e-12:
-            fitted = _fit(ratios, key, before, costs, dense, pending[0])
-            fitted_kl = kl if fitted == ratios else kl_to_base(model, ids, mask, base_logp, AllocationBudget(fitted, 0.0))
-            found[ratio_key(pending[0])] = {"ratios": fitted, "saving": predicted_saving(fitted, costs, dense),
-                                            "kl": fitted_kl}
-            if progress:
-                progress(f"target {pending[0]:g}: KL {fitted_kl:.4f} after {evaluations} forwards")
-            pending.pop(0)
-        bar.update(round(100 * new_saving) - bar.n)
-        saving, current_kl, step = new_saving, kl, step + 1
-        for nr in moves(key):
-            heapq.heappush(heap, (score, -1, key, nr, math.nan))  # ranked by the step just taken until measured
+    climbed, _, _ = _climb(meter, {}, kl, targets, levels, _first_look(meter, {}, kl, levels),
+                             progress=progress, bar=bar)
     bar.close()
-    if pending:
-        raise GateSkipError(f"the search ran out of modules to skip at {saving:.3f} net saving")
+    return {**found, **climbed}
+
+
+def layer_removal(model, samples: tuple[torch.Tensor, torch.Tensor], target: float) -> dict[str, float]:
+    """ShortGPT's point of the search space below a target: the least influential layers (Block
+    Influence on `samples`) removed, attention and MLP, as many as stay within `target`."""
+    from .baselines import least_influential  # baselines builds on allocations
+
+    costs, dense = sample_costs(model, samples[1])
+    ratios: dict[str, float] = {}
+    for layer in least_influential(model, samples, len(decoder_layers(model))):
+        trial = {**ratios, **{k: 1.0 for k in costs if int(k.split(".")[1]) == layer}}
+        if predicted_saving(trial, costs, dense) > target + 1e-9:
+            break
+        ratios = trial
+    return ratios
+
+
+def _stale(scores: dict[str, float], ratios: dict[str, float], levels: Sequence[float]) -> Heap:
+    """Every move up from `ratios`, ranked by each module's last KL per FLOP until re-measured."""
+    return [(scores[k], -1, k, lv, math.nan) for k in scores for lv in levels if lv > ratios.get(k, 0.0)]
+
+
+@torch.no_grad()
+def refine(
+    model,
+    samples: tuple[torch.Tensor, torch.Tensor],
+    seeds: dict[str, dict[str, float]],
+    levels: Sequence[float] = LEVELS,
+    rounds: int = 8,
+    tries: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict]:
+    """Exchange search per target; seeds: {target key: ratios}; returns {target key: entry}.
+
+    From the seed (topped up greedily to the target if it saves less), an exchange gives back
+    the skip step whose KL per FLOP is highest and takes the FLOPs again greedily where they
+    cost least; it is kept if the KL falls. It stops after `rounds` exchanges or when none of
+    the `tries` costliest give-backs helps. The greedy path is nested across targets (a step
+    that helps at 10 % stays at 30 %); an exchange can undo it. Seeded by layer removal the
+    result is at least as close to the base on `samples` as ShortGPT's removal."""
+    meter = _Meter(model, samples)
+    found: dict[str, dict] = {}
+    for key, seed in sorted(seeds.items(), key=lambda item: float(item[0])):
+        target = meter.check([float(key)])[0]
+        spent = meter.evaluations
+        ratios, kl = dict(seed), meter.kl(seed)
+        first = _first_look(meter, ratios, kl, levels)
+        scores = {k: score for score, _, k, _, _ in first}
+        if meter.saving(ratios) < target - 1e-9:
+            top_up, _, _ = _climb(meter, ratios, kl, [target], levels, first, scores)
+            ratios, kl = top_up[key]["ratios"], top_up[key]["kl"]
+        start, exchanges = kl, 0
+        for _ in tqdm(range(rounds), desc=f"refining {key}", unit="exchange", leave=False):
+            offers = []
+            for k, r in ratios.items():
+                lower = max([lv for lv in levels if lv < r], default=0.0)
+                back = -meter.gain(ratios, k, lower)
+                if back > 0:
+                    trial = {m: v for m, v in {**ratios, k: lower}.items() if v > 0}
+                    lowered = meter.kl(trial)
+                    offers.append(((kl - lowered) / back, trial, lowered))
+            for _, trial, lowered in sorted(offers, key=lambda o: -o[0])[:tries]:
+                climbed, _, _ = _climb(meter, trial, lowered, [target], levels, _stale(scores, trial, levels), scores)
+                if climbed[key]["kl"] < kl - 1e-6:
+                    ratios, kl, exchanges = climbed[key]["ratios"], climbed[key]["kl"], exchanges + 1
+                    break
+            else:
+                break
+        found[key] = {"ratios": ratios, "saving": meter.saving(ratios), "kl": kl}
+        if progress:
+            progress(f"target {key}: KL {start:.4f} -> {kl:.4f} in {exchanges} exchanges, "
+                     f"{meter.evaluations - spent} forwards")
     return found
 
 
@@ -334,6 +456,12 @@ def register(subparsers) -> None:
     p.add_argument("--choose", type=existing_path, nargs="+", metavar="GATES",
                    help="instead of searching, keep per target the lowest-KL allocation on --text among these gate "
                         "files' and --gates' own (text none of their searches used)")
+    p.add_argument("--refine", choices=("removal", "stored"),
+                   help="instead of the greedy path, an exchange search per target starting from ShortGPT's layer "
+                        "removal or from the allocation stored for it")
+    p.add_argument("--rounds", type=integer(1), default=8, help="most exchanges per target with --refine")
+    p.add_argument("--bf16", action="store_true",
+                   help="measure under bf16 autocast (about 4x faster on CPUs with bf16 units; thresholds stay fp32)")
     p.add_argument("--show", action="store_true", help="print the stored allocations instead of searching")
     p.add_argument("--plot", type=Path, help="write a plot of the allocations per module to this PNG")
     p.add_argument("--overwrite", action="store_true",
@@ -360,8 +488,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.show and not args.targets and not args.choose:
         raise GateSkipError("give --targets to search, --choose to choose, or --show to print the stored allocations")
-    if args.show and args.choose:
-        raise GateSkipError("--show prints the stored allocations; it does not go with --choose")
+    if args.show and (args.choose or args.refine):
+        raise GateSkipError(f"--show prints the stored allocations; it does not go with {'--choose' if args.choose else '--refine'}")
+    if args.choose and args.refine:
+        raise GateSkipError("--choose compares stored allocations; --refine searches: give one of them")
     if 1.0 not in args.levels or 0.0 in args.levels:
         raise GateSkipError("--levels must include 1 (removal) and not 0")
     if args.plot:
@@ -374,20 +504,28 @@ def run(args: argparse.Namespace) -> int:
     candidates = candidate_allocations(bank, args.gates, args.choose) if args.choose else {}
     targets = [ratio_key(t) for t in args.targets] if args.targets else sorted(
         {k for allocations in candidates.values() for k in allocations}, key=float)
+    if args.refine == "stored" and (missing := [k for k in targets if k not in bank.allocations]):
+        raise GateSkipError(f"--refine stored: {args.gates} holds no allocation for {missing[0]} to start from")
     stored = [key for key in targets if key in bank.allocations]
     if not args.show and stored and not args.overwrite:
         raise GateSkipError(f"{args.gates} already holds an allocation for {stored[0]}; pass --overwrite to replace it")
     if not args.show:
         samples = sample_tokens(tokenizer, args.text, args.sequences, args.length, skip=args.skip_sequences)
-        if args.choose:
-            found = choose(model, candidates, samples, targets, progress=lambda line: tqdm.write(line))
-            calibrate_allocation(model, samples, {k: e for k, e in found.items() if e["chosen_from"] != str(args.gates)})
-        else:
-            found = search(model, samples, args.targets, sorted(args.levels), progress=lambda line: tqdm.write(line))
-            calibrate_allocation(model, samples, found)
+        say = lambda line: tqdm.write(line)  # noqa: E731
+        with torch.autocast(samples[0].device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            if args.choose:
+                found = choose(model, candidates, samples, targets, progress=say)
+            elif args.refine:
+                seeds = {k: bank.allocations[k]["ratios"] if args.refine == "stored" else
+                         layer_removal(model, samples, float(k)) for k in targets}
+                found = refine(model, samples, seeds, sorted(args.levels), rounds=args.rounds, progress=say)
+            else:
+                found = search(model, samples, args.targets, sorted(args.levels), progress=say)
+        fresh = {k: e for k, e in found.items() if e.get("chosen_from") != str(args.gates)}
+        calibrate_allocation(model, samples, fresh)
         store(bank, found)
         path = save_gates(model, args.gates)
-        how = "chosen" if args.choose else "found"
+        how = "chosen" if args.choose else "refined" if args.refine else "found"
         print(f"allocations for {', '.join(found)} {how} on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
     if not bank.allocations:
         raise GateSkipError(f"{args.gates} holds no allocations; run `gateskip allocate MODEL --gates PATH --targets ...`")
