@@ -3,6 +3,10 @@ tasks and render the five-task table, the means with their standard errors, and 
 against ShortGPT at each budget.
 
     python experiments/r5_table.py runs/r5/table-a runs/r5/table-b --out docs/results/experiment-r5
+
+`--label FOLDER=NAME` names the gateskip records of one folder NAME instead (round 6: the
+paper's configuration and round 5's allocations beside the shipped ones). A later folder's
+record for the same (task, method, budget) replaces an earlier one's.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellasw
 METRIC = "acc"
 
 
-def records(folders: list[Path]) -> list[dict]:
+def records(folders: list[Path], labels: dict[Path, str] | None = None) -> list[dict]:
     out = []
     for folder in folders:
         path = folder / "results.json"
         if path.is_file():
-            out += [r for r in json.loads(path.read_text())["records"] if r["metric"] == METRIC]
+            name = (labels or {}).get(folder)
+            out += [{**r, "method": name} if name and r["method"] == "gateskip" else r
+                    for r in json.loads(path.read_text())["records"] if r["metric"] == METRIC]
     return out
 
 
@@ -34,7 +40,7 @@ def rows(recs: list[dict]) -> list[dict]:
     grouped: dict[tuple[str, float], dict[str, dict]] = defaultdict(dict)
     for r in recs:
         grouped[(r["method"], r["budget"])][r["task"]] = r
-    order = {"base": 0, "gateskip": 1, "shortgpt": 2, "random": 3}
+    order = {"base": 0, "gateskip": 1, "shortgpt": 2, "random": 3}  # other names (labels) after these
     out = []
     for (method, budget), by_task in sorted(grouped.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9))):
         complete = all(t in by_task for t in TASKS)
@@ -88,7 +94,8 @@ def plot(table: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     base = next((r for r in table if r["method"] == "base" and r["complete"]), None)
-    for method, style in (("gateskip", "o-"), ("shortgpt", "s-"), ("random", "x")):
+    others = sorted({r["method"] for r in table} - {"base", "gateskip", "shortgpt", "random"})
+    for method, style in (("gateskip", "o-"), ("shortgpt", "s-"), ("random", "x"), *((m, "^:") for m in others)):
         pts = sorted((r["net_saving"], r["mean"], r["mean_stderr"]) for r in table if r["method"] == method and r["complete"])
         if base and method in ("gateskip", "shortgpt"):
             pts = [(0.0, base["mean"], base["mean_stderr"])] + pts
@@ -108,8 +115,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--label", action="append", default=[], metavar="FOLDER=NAME",
+                   help="name this folder's gateskip records NAME")
     args = p.parse_args()
-    table = rows(records(args.folders))
+    labels = {Path(f): name for f, _, name in (item.partition("=") for item in args.label)}
+    table = rows(records(args.folders, labels))
     text = f"Five tasks, metric {METRIC}, lm-eval standard errors.\n\n{markdown(table)}\n{comparisons(table)}"
     print(text)
     if args.out:

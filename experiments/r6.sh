@@ -4,6 +4,10 @@
 # Stages, in the order they ran:
 #   bash experiments/r6.sh paper    # round-2 soft gates (the paper's h + g * o), equal share per module
 #   bash experiments/r6.sh refine   # (beside it) exchange search from ShortGPT's layer removal, per target
+#   bash experiments/r6.sh choose   # per target, round 5's allocation or the refined one, on held-back text
+#   bash experiments/r6.sh proxy    # round 5's and round 6's allocations vs ShortGPT and random, held-out text
+#   bash experiments/r6.sh gs-a & bash experiments/r6.sh gs-b   # round 6's allocations on the five tasks
+#   bash experiments/r6.sh table
 # Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, two jobs at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +34,33 @@ case "${1:-}" in
     $G allocate smollm2-135m --gates $R/refine/gateskip.safetensors --targets 0.05 0.1 0.15 0.2 0.25 0.3 \
       --refine removal --rounds 6 --bf16 --text $TRAIN --sequences 16 --length 64 --skip-sequences 128 \
       --levels 0.5 1.0 --overwrite --plot $R/refine/allocation.png 2>&1 | tee $D/refine.log ;;
+  choose)
+    # Per target, the lower KL of round 5's shipped allocation and the refined one on 32 x 64
+    # tokens of training text that no search or choice used (64-token blocks 160-191), fp32.
+    mkdir -p $R/ship && cp gates/smollm2-135m-unit/gateskip.safetensors $R/ship/
+    $G allocate smollm2-135m --gates $R/ship/gateskip.safetensors --choose $R/refine/gateskip.safetensors \
+      --text $TRAIN --sequences 32 --length 64 --skip-sequences 160 --overwrite --plot $R/ship/allocation.png \
+      2>&1 | tee $D/choose.log ;;
+  proxy)
+    # Held-out text (never trained, searched or chosen on): 32 x 64 tokens with agreement on 20
+    # prompts, and 8 x 256 tokens; round 5's allocations (the first --gates) beside round 6's.
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/ship/gateskip.safetensors \
+      --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 32 --length 64 \
+      --agreement 20 --out $D/proxy-short
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/ship/gateskip.safetensors \
+      --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 8 --length 256 \
+      --out $D/proxy-long ;;
+  gs-a|gs-b)
+    # Half a is HellaSwag, half b the other four (as round 5); base, ShortGPT and random are
+    # round 5's records (docs/results/experiment-r5/table-*), the same items.
+    H=${1#gs-}
+    T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
+    $G eval smollm2-135m --gates $R/ship --tasks $T --limit 500 --batch-size 16 --method gateskip \
+      --budgets ${BUDGETS:-0.1,0.2,0.3} --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
+  table)
+    P=docs/results/experiment-r5
+    .venv/bin/python experiments/r5_table.py $P/table-a $P/table-b $P/table-c $R/paper $R/table-a $R/table-b \
+      --label $P/table-a="gateskip r5" --label $P/table-b="gateskip r5" --label $P/table-c="gateskip r5" \
+      --label $R/paper="paper (soft, equal share)" --out $D ;;
   *) echo "usage: bash experiments/r6.sh STAGE (see the header)" >&2; exit 2 ;;
 esac
