@@ -7,11 +7,14 @@ or straight to 1, removing it) that costs the least KL divergence to the base mo
 FLOP saved, measured on sample text under everything chosen so far. Steps are evaluated
 lazily (a candidate's last measurement ranks it until it is re-measured at the top), so a
 step costs a few forwards instead of one per module; the first look measures only the
-removal of each module. ShortGPT's layer removal and
-attention-only removal are points of this search space.
+removal of each module. ShortGPT's layer removal and attention-only removal are points of
+this search space.
 
-The search path is nested: the allocation for 10 % is a prefix of the one for 25 %. Each
-target's allocation is stored in the gate file with per-module thresholds calibrated for
+The search path is nested: the allocation for 10 % is a prefix of the one for 25 %, so a
+step that was cheap early stays when removing whole layers would now cost less. `refine`
+searches each target on its own by exchanges, from ShortGPT's layer removal (or any seed):
+give back the costliest skip step, take the FLOPs again where they cost least, keep it if
+the KL falls. Each target's allocation is stored in the gate file with per-module thresholds calibrated for
 decoding; `allocation_budget` turns a stored target into an AllocationBudget.
 
 A greedy path measured on a few hundred tokens is noisy, and no single search wins at every
