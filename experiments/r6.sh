@@ -7,8 +7,10 @@
 #   bash experiments/r6.sh choose   # per target, round 5's allocation or the refined one, on held-back text
 #   bash experiments/r6.sh proxy    # round 5's and round 6's allocations vs ShortGPT and random, held-out text
 #   bash experiments/r6.sh gs-a & bash experiments/r6.sh gs-b   # round 6's allocations on the five tasks
+#   BUDGETS=0.15,0.25 bash experiments/r6.sh gs-a; BUDGETS=0.15,0.25 bash experiments/r6.sh gs-b  # then these
 #   bash experiments/r6.sh table
-# Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, two jobs at a time.
+# Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, two or three jobs at a
+# time (the paper row beside refine and choose, then beside gs-a and gs-b).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
