@@ -292,7 +292,8 @@ def refine(
     cost least; it is kept if the KL falls. It stops after `rounds` exchanges or when none of
     the `tries` costliest give-backs helps. The greedy path is nested across targets (a step
     that helps at 10 % stays at 30 %); an exchange can undo it. Seeded by layer removal the
-    result is at least as close to the base on `samples` as ShortGPT's removal."""
+    result is no further from the base on `samples` than layer removal topped up to the target.
+    A module removed by the seed and then given back has no greedy score, so it is not raised again."""
     meter = _Meter(model, samples)
     found: dict[str, dict] = {}
     for key, seed in sorted(seeds.items(), key=lambda item: float(item[0])):
