@@ -224,6 +224,14 @@ def test_unknown_task_is_named(model_dir, tiny_task, tmp_path):
         cli.run(args)
 
 
+def test_an_unknown_task_leaves_no_rendered_task_files(model_dir, tiny_task, tmp_path):
+    args = eval_args(model_dir, tiny_task, tmp_path / "out", "--method", "base")
+    args.tasks = "arc_easy,no_such_task"
+    with pytest.raises(GateSkipError, match="unknown task 'no_such_task'"):
+        cli.run(args)
+    assert not (tmp_path / "out" / "tasks").exists()
+
+
 @pytest.mark.parametrize("given, missing", [(["gateskip"], "'base'"), (["base"], "'gateskip'")])
 def test_run_sweep_names_a_method_it_was_not_given(tiny_task, tmp_path, given, missing):
     model = add_gates(tiny_model())

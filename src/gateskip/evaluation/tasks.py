@@ -98,6 +98,17 @@ def render_tasks(names: list[str], folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _remove_rendered(folder: Path, before: set[Path] | None) -> None:
+    """Delete what render_tasks wrote into `folder` (which held `before`, or did not exist), so a
+    refused run leaves nothing behind."""
+    if not folder.is_dir():
+        return
+    for path in set(folder.iterdir()) - (before or set()):
+        path.unlink()
+    if before is None:
+        folder.rmdir()
+
+
 def task_manager(names: list[str], source: str, folder: str | os.PathLike, include: str | os.PathLike | None = None):
     """An lm-eval TaskManager that knows `names`: the bundled copies (rendered into `folder`)
     override lm-eval's hub definitions when source="bundled"; `include` is a folder of the
@@ -106,6 +117,8 @@ def task_manager(names: list[str], source: str, folder: str | os.PathLike, inclu
 
     if source not in SOURCES:
         raise GateSkipError(f"--data must be one of {', '.join(SOURCES)}, got {source!r}")
+    folder = Path(folder)
+    before = set(folder.iterdir()) if folder.is_dir() else None
     paths = [str(render_tasks(names, folder))] if source == "bundled" else []
     if include is not None:
         if not Path(include).is_dir():
@@ -123,6 +136,7 @@ def task_manager(names: list[str], source: str, folder: str | os.PathLike, inclu
         index_log.setLevel(level)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
+        _remove_rendered(folder, before)
         raise GateSkipError(
             f"unknown task {', '.join(map(repr, unknown))}; bundled offline tasks: {', '.join(BUNDLED_TASKS)} "
             "(any other lm-eval task name needs --data hub and hub access)"
