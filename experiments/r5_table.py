@@ -74,7 +74,8 @@ def comparisons(table: list[dict]) -> str:
     """gateskip against ShortGPT at the same budget: the difference of the five-task means and
     its standard error (unpaired, so conservative: both are scored on the same items)."""
     by = {(r["method"], r["budget"]): r for r in table if r["complete"]}
-    lines = ["| net saving target | gateskip - ShortGPT (mean of five) | se | verdict |", "|---|---|---|---|"]
+    lines = ["| budget | net saved, gateskip / ShortGPT | gateskip - ShortGPT (mean of five) | se | verdict |",
+             "|---|---|---|---|---|"]
     for (method, budget), g in sorted(by.items()):
         s = by.get(("shortgpt", budget))
         if method != "gateskip" or s is None:
@@ -82,7 +83,8 @@ def comparisons(table: list[dict]) -> str:
         diff = g["mean"] - s["mean"]
         se = math.hypot(g["mean_stderr"], s["mean_stderr"])
         verdict = "within 1 se" if abs(diff) <= se else ("gateskip ahead" if diff > 0 else "ShortGPT ahead")
-        lines.append(f"| {100 * budget:.0f} % | {diff:+.3f} | {se:.3f} | {verdict} |")
+        saved = f"{100 * g['net_saving']:.1f} / {100 * s['net_saving']:.1f} %"
+        lines.append(f"| {budget:g} | {saved} | {diff:+.3f} | {se:.3f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

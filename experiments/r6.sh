@@ -8,6 +8,7 @@
 #   bash experiments/r6.sh proxy    # round 5's and round 6's allocations vs ShortGPT and random, held-out text
 #   bash experiments/r6.sh gs-a & bash experiments/r6.sh gs-b   # round 6's allocations on the five tasks
 #   BUDGETS=0.15,0.25 bash experiments/r6.sh gs-a; BUDGETS=0.15,0.25 bash experiments/r6.sh gs-b  # then these
+#   bash experiments/r6.sh sg-a & bash experiments/r6.sh sg-b   # ShortGPT at 4 and 8 layers (budgets 0.15 / 0.25)
 #   bash experiments/r6.sh table
 # Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, two or three jobs at a
 # time (the paper row beside refine and choose, then beside gs-a and gs-b).
@@ -59,10 +60,19 @@ case "${1:-}" in
     T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
     $G eval smollm2-135m --gates $R/ship --tasks $T --limit 500 --batch-size 16 --method gateskip \
       --budgets ${BUDGETS:-0.1,0.2,0.3} --out $R/table-$H 2>&1 | tee -a $R/table-$H.log ;;
+  sg-a|sg-b)
+    # ShortGPT's base and 10-30 % records are round 5's (copied in, so the sweep resumes them);
+    # budgets 0.15 and 0.25 remove round(4.5) = 4 and round(7.5) = 8 layers.
+    H=${1#sg-}
+    T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
+    mkdir -p $R/sg-$H && cp docs/results/experiment-r5/table-$H/results.json $R/sg-$H/
+    $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks $T --limit 500 --batch-size 16 --method shortgpt \
+      --budgets 0.15,0.25 --out $R/sg-$H 2>&1 | tee -a $R/sg-$H.log ;;
   table)
     P=docs/results/experiment-r5
-    .venv/bin/python experiments/r5_table.py $P/table-a $P/table-b $P/table-c $R/paper $R/table-a $R/table-b \
+    .venv/bin/python experiments/r5_table.py $P/table-a $P/table-b $P/table-c $R/paper $R/table-a $R/table-b $R/sg-a $R/sg-b \
       --label $P/table-a="gateskip r5" --label $P/table-b="gateskip r5" --label $P/table-c="gateskip r5" \
+      --label $R/sg-a="gateskip r5" --label $R/sg-b="gateskip r5" \
       --label $R/paper="paper (soft, equal share)" --out $D ;;
   *) echo "usage: bash experiments/r6.sh STAGE (see the header)" >&2; exit 2 ;;
 esac
