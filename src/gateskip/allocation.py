@@ -137,9 +137,15 @@ class _Meter:
         self.base_logp = F.log_softmax(base, -1)
         self.evaluations = 0
 
-    def kl(self, ratios: dict[str, float]) -> float:
+    def kl(self, ratios: dict[str, float], stats: SkipStats | None = None) -> float:
         self.evaluations += 1
-        return kl_to_base(self.model, self.ids, self.mask, self.base_logp, AllocationBudget(ratios, 0.0))
+        return kl_to_base(self.model, self.ids, self.mask, self.base_logp, AllocationBudget(ratios, 0.0), stats)
+
+    def measured(self, ratios: dict[str, float]) -> tuple[float, float]:
+        """(KL, net saving measured on the sample, gates included) of an allocation."""
+        stats = SkipStats()
+        kl = self.kl(ratios, stats)
+        return kl, flop_report(stats, ModelDims.from_config(self.model.config), self.model.gate_bank.config).net_saving
 
     def saving(self, ratios: dict[str, float]) -> float:
         return predicted_saving(ratios, self.costs, self.dense)
@@ -346,22 +352,13 @@ def choose(model, candidates: dict[str, dict[str, dict]], samples: tuple[torch.T
     candidates: {name: {target key: allocation entry}}, e.g. the allocations stored by several
     searches. `samples` should be text none of those searches used (a held-back choice).
     `progress` is called with one line per candidate measured."""
-    device = next(model.parameters()).device
-    ids, mask = (t.to(device) for t in samples)
-    base_logp = F.log_softmax(model(ids, attention_mask=mask, skip_plan=SkipPlan(apply_gates=False)).logits.float(), -1)
-    dims = ModelDims.from_config(model.config)
-
-    def measure(ratios: dict[str, float]) -> tuple[float, float]:
-        stats = SkipStats()
-        kl = kl_to_base(model, ids, mask, base_logp, AllocationBudget(ratios, 0.0), stats)
-        return kl, flop_report(stats, dims, model.gate_bank.config).net_saving
-
+    meter = _Meter(model, samples)
     chosen: dict[str, dict] = {}
     for key in targets:
         offers = [(name, allocations[key]) for name, allocations in candidates.items() if key in allocations]
         if not offers:
             raise GateSkipError(f"no candidate holds an allocation for {key}")
-        scored = [(*measure(entry["ratios"]), name, entry) for name, entry in tqdm(offers, desc=f"choosing {key}", leave=False)]
+        scored = [(*meter.measured(entry["ratios"]), name, entry) for name, entry in tqdm(offers, desc=f"choosing {key}", leave=False)]
         floor = float(key) - tolerance  # the saving a candidate must measure to be eligible
         eligible = [o for o in scored if o[1] >= floor]
         if progress:
