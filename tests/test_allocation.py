@@ -154,6 +154,25 @@ def test_refine_exchanges_a_costly_removal_and_meets_the_target():
     assert report.net_saving == pytest.approx(0.4, abs=0.01)
 
 
+def test_refine_can_raise_again_a_module_the_seed_removed(monkeypatch):
+    # A give-back of a seed-removed module is measured, so the greedy top-up after it may take
+    # that module back up (it is ranked like every other move).
+    import gateskip.allocation as allocation
+
+    model, sample = gated(), search_text()
+    seed = layer_removal(model, sample, 0.4)
+    offered, climb = [], allocation._climb
+
+    def recording(meter, ratios, kl, targets, levels, heap, *args, **kwargs):
+        offered.append({key for k, r in seed.items() if ratios.get(k, 0.0) < r
+                        for _, _, key, _, _ in heap if key == k})
+        return climb(meter, ratios, kl, targets, levels, heap, *args, **kwargs)
+
+    monkeypatch.setattr(allocation, "_climb", recording)
+    refine(model, sample, {"0.4": seed}, levels=(0.5, 1.0), rounds=2)
+    assert any(offered[1:])  # the first call is the top-up; later ones follow a give-back
+
+
 def test_choose_keeps_the_lowest_kl_candidate_that_reaches_the_target():
     model = gated()
     searched = search(model, search_text(), [0.1, 0.2], levels=(0.5, 1.0))

@@ -299,7 +299,7 @@ def refine(
     the `tries` costliest give-backs helps. The greedy path is nested across targets (a step
     that helps at 10 % stays at 30 %); an exchange can undo it. Seeded by layer removal the
     result is no further from the base on `samples` than layer removal topped up to the target.
-    A module removed by the seed and then given back has no greedy score, so it is not raised again."""
+    Every give-back measured updates its module's KL per FLOP, which ranks raising it again."""
     meter = _Meter(model, samples)
     found: dict[str, dict] = {}
     for key, seed in sorted(seeds.items(), key=lambda item: float(item[0])):
@@ -320,7 +320,8 @@ def refine(
                 if back > 0:
                     trial = {m: v for m, v in {**ratios, k: lower}.items() if v > 0}
                     lowered = meter.kl(trial)
-                    offers.append(((kl - lowered) / back, trial, lowered))
+                    scores[k] = (kl - lowered) / back  # so a module the seed removed can be raised again
+                    offers.append((scores[k], trial, lowered))
             for _, trial, lowered in sorted(offers, key=lambda o: -o[0])[:tries]:
                 climbed, _, _ = _climb(meter, trial, lowered, [target], levels, _stale(scores, trial, levels), scores)
                 if climbed[key]["kl"] < kl - 1e-6:

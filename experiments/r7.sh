@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Round 7 (docs/experiment.md): round 6's allocations at 20-30 % refined further (more exchanges;
+# a module the seed removed may now be raised again), and the 5 % point on the five tasks.
+# Stages, in the order they ran:
+#   bash experiments/r7.sh refine & bash experiments/r7.sh five   # beside each other
+#   bash experiments/r7.sh choose   # per target, round 6's allocation or round 7's, on fresh held-back text
+#   bash experiments/r7.sh proxy    # round 6's and round 7's allocations vs ShortGPT and random, held-out text
+#   bash experiments/r7.sh tasks    # round 7's allocations at the targets they changed, five tasks
+#   bash experiments/r7.sh table
+# Machine: the project's 2-core AMD EPYC VM (no GPU), one thread per job, two jobs at a time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+G=.venv/bin/gateskip
+R=runs/r7
+D=docs/results/experiment-r7
+P6=docs/results/experiment-r6
+TRAIN=runs/data/gate_train.jsonl.gz
+HELDOUT=runs/data/gate_heldout.jsonl.gz
+mkdir -p $R $D
+test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+case "${1:-}" in
+  refine)
+    # From the shipped (round 6) allocations, on the same 16 x 64 tokens round 6 refined on
+    # (64-token blocks 128-143), up to 12 exchanges, bf16.
+    mkdir -p $R/refine && cp gates/smollm2-135m-unit/gateskip.safetensors $R/refine/
+    $G allocate smollm2-135m --gates $R/refine/gateskip.safetensors --targets 0.2 0.25 0.3 \
+      --refine stored --rounds 12 --bf16 --text $TRAIN --sequences 16 --length 64 --skip-sequences 128 \
+      --levels 0.5 1.0 --overwrite --plot $R/refine/allocation.png 2>&1 | tee $D/refine.log ;;
+  five)
+    # gateskip (shipped gates) and ShortGPT at 5 %, both halves of the tasks; the base rows are
+    # round 6's records (only those copied in, so the sweep resumes them), the same items.
+    for H in a b; do
+      T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
+      mkdir -p $R/five-$H
+      test -f $R/five-$H/results.json || .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]));
+d['records'] = [r for r in d['records'] if r['method'] == 'base']; json.dump(d, open(sys.argv[2], 'w'), indent=1)" \
+        $P6/sg-$H/results.json $R/five-$H/results.json
+      $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks $T --limit 500 --batch-size 16 \
+        --method gateskip,shortgpt --budgets 0.05 --out $R/five-$H 2>&1 | tee -a $R/five-$H.log
+    done ;;
+  choose)
+    # Per target, the lower KL of round 6's allocation and round 7's on 32 x 64 tokens of
+    # training text that no search or choice used (64-token blocks 192-223), fp32.
+    mkdir -p $R/ship && cp gates/smollm2-135m-unit/gateskip.safetensors $R/ship/
+    $G allocate smollm2-135m --gates $R/ship/gateskip.safetensors --choose $R/refine/gateskip.safetensors \
+      --text $TRAIN --sequences 32 --length 64 --skip-sequences 192 --overwrite --plot $R/ship/allocation.png \
+      2>&1 | tee $D/choose.log ;;
+  proxy)
+    # Held-out text (never trained, searched or chosen on), as round 6's proxy.
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/ship/gateskip.safetensors \
+      --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 32 --length 64 \
+      --agreement 20 --out $D/proxy-short
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/ship/gateskip.safetensors \
+      --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 8 --length 256 \
+      --out $D/proxy-long ;;
+  tasks)
+    # Round 7's allocations at BUDGETS (the targets choose changed), both halves of the tasks (the
+    # base rows run again: these records name other gates).
+    for H in a b; do
+      T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
+      mkdir -p $R/table-$H
+      $G eval smollm2-135m --gates $R/ship --tasks $T --limit 500 --batch-size 16 --method gateskip \
+        --budgets ${BUDGETS:-0.25,0.3} --out $R/table-$H 2>&1 | tee -a $R/table-$H.log
+    done ;;
+  table)
+    P5=docs/results/experiment-r5
+    .venv/bin/python experiments/r5_table.py $P5/table-a $P5/table-b $P5/table-c $P6/paper $P6/table-a $P6/table-b \
+      $P6/sg-a $P6/sg-b $R/five-a $R/five-b $R/table-a $R/table-b \
+      --label $P5/table-a="gateskip r5" --label $P5/table-b="gateskip r5" --label $P5/table-c="gateskip r5" \
+      --label $P6/sg-a="gateskip r5" --label $P6/sg-b="gateskip r5" --label $P6/paper="paper (soft, equal share)" \
+      --label $R/table-a="gateskip r7" --label $R/table-b="gateskip r7" --out $D ;;
+  *) echo "usage: bash experiments/r7.sh STAGE (see the header)" >&2; exit 2 ;;
+esac
