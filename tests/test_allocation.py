@@ -247,3 +247,11 @@ def test_allocation_budget_validates_ratios():
     assert AllocationBudget({"mlp.0": 1.0}, 0.1).fixed("attn.0") is True
     assert math.isclose(AllocationBudget({"mlp.0": 0.4}, 0.1).ratio("mlp.0"), 0.4)
 
+
+
+def test_cpu_has_bf16_reads_the_cpu_capabilities(monkeypatch):
+    from gateskip.allocation import cpu_has_bf16
+
+    for caps, native in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True), ({"avx2": True}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert cpu_has_bf16() is native

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import gateskip.train as train_module
 from gateskip import GateSkipError, add_gates, load_gates
+from gateskip.allocation import cpu_has_bf16
 from gateskip.calibrate import sample_tokens
 from gateskip.cli import main
 from gateskip.config import GateConfig
@@ -487,7 +488,9 @@ def test_allocate_keeps_stored_allocations_and_plots_without_overwrite(assets, t
               "--sequences", "1", "--levels", "0.5", "1", "--rounds", "1", "--overwrite", "--refine"]
     run_refused([*refine, "stored", "--targets", "0.2"], capsys, "holds no allocation for 0.2 to start from")
     run_ok([*refine, "stored", "--targets", "0.1"])
+    capsys.readouterr()
     run_ok([*refine, "removal", "--targets", "0.1", "0.2", "--bf16"])
+    assert ("no bf16 instructions" in capsys.readouterr().err) == (not cpu_has_bf16())
     stored = read_gate_file(gates / "gateskip.safetensors")[0]["allocations"]
     assert set(stored) == {"0.1", "0.2"} and "chosen_from" not in stored["0.1"]
 
