@@ -5,7 +5,8 @@
 #   bash experiments/r7.sh refine-25 & bash experiments/r7.sh refine-30 & bash experiments/r7.sh five
 #   bash experiments/r7.sh choose   # per target, round 6's allocation or round 7's, on fresh held-back text
 #   bash experiments/r7.sh proxy    # round 6's and round 7's allocations vs ShortGPT and random, held-out text
-#   bash experiments/r7.sh tasks    # round 7's allocations at the targets they changed, five tasks
+#   bash experiments/r7.sh ship     # when round 7's allocations won a target
+#   bash experiments/r7.sh tasks-1 & bash experiments/r7.sh tasks-2   # those targets on the five tasks
 #   bash experiments/r7.sh table
 # Machine: a 2-core AMD EPYC VM with AVX2 only (no avx512, no GPU), one thread per job, two or
 # three jobs at a time.
@@ -57,14 +58,23 @@ d['records'] = [r for r in d['records'] if r['method'] == 'base']; json.dump(d, 
     $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/ship/gateskip.safetensors \
       --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 8 --length 256 \
       --out $D/proxy-long ;;
-  tasks)
-    # Round 7's allocations at BUDGETS (the targets choose changed), both halves of the tasks (the
-    # base rows run again: these records name other gates).
-    for H in a b; do
-      T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
-      mkdir -p $R/table-$H
-      $G eval smollm2-135m --gates $R/ship --tasks $T --limit 500 --batch-size 16 --method gateskip \
-        --budgets ${BUDGETS:-0.25,0.3} --out $R/table-$H 2>&1 | tee -a $R/table-$H.log
+  ship)
+    # Round 7's choice replaces the shipped gate file (the gates are unchanged, round 4's).
+    cp $R/ship/gateskip.safetensors gates/smollm2-135m-unit/gateskip.safetensors ;;
+  tasks-1|tasks-2)
+    # The shipped file's allocations at BUDGETS (the targets choose changed), in two jobs of
+    # about equal work: 1 is ARC-Easy and ARC-Challenge, 2 HellaSwag, then PIQA and WinoGrande.
+    # Base rows are round 6's records of the same items with the same --gates path (only those
+    # copied in, so the sweep resumes them).
+    [ $1 = tasks-1 ] && PARTS="arc_easy,arc_challenge=b" || PARTS="hellaswag=a piqa,winogrande=b"
+    for PART in $PARTS; do
+      T=${PART%=*}; F=$R/table-${T//,/-}
+      mkdir -p $F
+      test -f $F/results.json || .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]));
+d['records'] = [r for r in d['records'] if r['method'] == 'base' and r['task'] in sys.argv[3].split(',')]
+json.dump(d, open(sys.argv[2], 'w'), indent=1)" $P6/sg-${PART#*=}/results.json $F/results.json $T
+      $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks $T --limit 500 --batch-size 16 --method gateskip \
+        --budgets ${BUDGETS:-0.25,0.3} --out $F 2>&1 | tee -a $F.log
     done ;;
   table)
     P5=docs/results/experiment-r5
