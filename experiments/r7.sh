@@ -77,11 +77,13 @@ json.dump(d, open(sys.argv[2], 'w'), indent=1)" $P6/sg-${PART#*=}/results.json $
         --budgets ${BUDGETS:-0.25,0.3} --out $F 2>&1 | tee -a $F.log
     done ;;
   table)
+    # Round 6's records with round 7's after them: a later folder's record for the same task,
+    # method and budget replaces an earlier one's, so gateskip at 25 and 30 % is round 7's.
     P5=docs/results/experiment-r5
     .venv/bin/python experiments/r5_table.py $P5/table-a $P5/table-b $P5/table-c $P6/paper $P6/table-a $P6/table-b \
-      $P6/sg-a $P6/sg-b $R/five-a $R/five-b $R/table-a $R/table-b \
+      $P6/sg-a $P6/sg-b $D/five-a $D/five-b $D/table-hellaswag $D/table-arc_easy-arc_challenge $D/table-piqa-winogrande \
       --label $P5/table-a="gateskip r5" --label $P5/table-b="gateskip r5" --label $P5/table-c="gateskip r5" \
       --label $P6/sg-a="gateskip r5" --label $P6/sg-b="gateskip r5" --label $P6/paper="paper (soft, equal share)" \
-      --label $R/table-a="gateskip r7" --label $R/table-b="gateskip r7" --out $D ;;
+      --out $D ;;
   *) echo "usage: bash experiments/r7.sh STAGE (see the header)" >&2; exit 2 ;;
 esac
