@@ -130,7 +130,7 @@ def main() -> None:
         (args.out / "table.json").write_text(json.dumps(table, indent=1))
         plot(table, args.out / "tasks.png")
         for folder in args.folders:
-            if (folder / "results.json").is_file():
+            if (folder / "results.json").is_file() and not folder.resolve().is_relative_to(args.out.resolve()):
                 (args.out / folder.name).mkdir(exist_ok=True)
                 for name in ("results.json", "results.md"):
                     if (folder / name).is_file():

@@ -248,7 +248,6 @@ def test_allocation_budget_validates_ratios():
     assert math.isclose(AllocationBudget({"mlp.0": 0.4}, 0.1).ratio("mlp.0"), 0.4)
 
 
-
 def test_cpu_has_bf16_reads_the_cpu_capabilities(monkeypatch):
     from gateskip.allocation import cpu_has_bf16
 
