@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Round 8 (docs/experiment.md): the shipped gates trained further under the shipped allocations
+# (all six targets in turn, 64-token sequences like the task prompts, bf16 autocast), then the
+# proxy and, where the proxy says so, the five tasks.
+# Stages, in the order they ran:
+#   bash experiments/r8.sh train    # 40 minutes, both threads
+#   bash experiments/r8.sh proxy    # shipped vs round 8's gates (same allocations), ShortGPT, random
+#   BUDGETS=... bash experiments/r8.sh tasks-1 & BUDGETS=... bash experiments/r8.sh tasks-2
+#   bash experiments/r8.sh table
+# Machine: a 2-core AMD EPYC VM with avx512_bf16 (MACHINE), no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+G=.venv/bin/gateskip
+R=runs/r8
+D=docs/results/experiment-r8
+P6=docs/results/experiment-r6
+TRAIN=runs/data/gate_train.jsonl.gz
+HELDOUT=runs/data/gate_heldout.jsonl.gz
+mkdir -p $R $D
+test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+# base_rows SRC DST TASKS: a sweep file holding only SRC's base records of TASKS (comma-separated),
+# unless DST exists (so a sweep into DST's folder resumes them instead of running the base again)
+base_rows() {
+  test -f $2 || .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]));
+d['records'] = [r for r in d['records'] if r['method'] == 'base' and r['task'] in sys.argv[3].split(',')]
+json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$@"
+}
+case "${1:-}" in
+  train)
+    # End to end (LM loss + KL to the base), gates only, every step skipping tokens exactly as the
+    # shipped allocation for one target does, the six targets in turn; 8 x 64 tokens a step.
+    # Resumable: run it again and it continues from the last checkpoint.
+    RESUME=--overwrite; test -d $R/train/checkpoints && RESUME=--resume
+    OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $R/train --mode frozen \
+      --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
+      --batch-size 8 --steps 600 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
+      --eval-blocks 16 --eval-every 100 --save-every 50 --max-minutes 40 --mixed-precision bf16 \
+      $RESUME 2>&1 | tee -a $D/train.log ;;
+  proxy)
+    # Held-out text (never trained, searched or chosen on), as round 6's proxy: 32 x 64 tokens
+    # with agreement on 20 prompts, and 8 x 256 tokens.
+    export OMP_NUM_THREADS=1
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/train/final \
+      --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 32 --length 64 \
+      --agreement 20 --out $D/proxy-short &
+    $G proxy smollm2-135m --gates gates/smollm2-135m-unit --gates $R/train/final \
+      --methods gateskip,shortgpt,random --text $HELDOUT --search-text $TRAIN --blocks 8 --length 256 \
+      --out $D/proxy-long
+    wait ;;
+  tasks-1|tasks-2)
+    # Round 8's gates at BUDGETS on the five tasks (500 items), in two jobs of about equal work:
+    # 1 is ARC-Easy and ARC-Challenge, 2 HellaSwag, then PIQA and WinoGrande. Base rows are round
+    # 6's records of the same items (only those copied in, so the sweep resumes them).
+    export OMP_NUM_THREADS=1
+    [ $1 = tasks-1 ] && PARTS="arc_easy,arc_challenge=b" || PARTS="hellaswag=a piqa,winogrande=b"
+    for PART in $PARTS; do
+      T=${PART%=*}; F=$R/table-${T//,/-}
+      mkdir -p $F && base_rows $P6/sg-${PART#*=}/results.json $F/results.json $T
+      $G eval smollm2-135m --gates $R/train/final --tasks $T --limit 500 --batch-size 16 --method gateskip \
+        --budgets ${BUDGETS:-0.25,0.3} --out $F 2>&1 | tee -a $F.log
+    done ;;
+  *) echo "usage: bash experiments/r8.sh STAGE (see the header)" >&2; exit 2 ;;
+esac
