@@ -3,7 +3,8 @@
 # (all six targets in turn, 64-token sequences like the task prompts, bf16 autocast), then the
 # proxy and, where the proxy says so, the five tasks.
 # Stages, in the order they ran:
-#   bash experiments/r8.sh train    # 40 minutes, both threads
+#   bash experiments/r8.sh train    # both threads; stopped at step 295 of 600 (21 min): the loss was NaN
+#   bash experiments/r8.sh export   # so the gates of its last checkpoint (step 250) are the ones used
 #   bash experiments/r8.sh proxy    # shipped vs round 8's gates (same allocations), ShortGPT, random
 #   BUDGETS=... bash experiments/r8.sh tasks-1 & BUDGETS=... bash experiments/r8.sh tasks-2
 #   bash experiments/r8.sh table
@@ -37,6 +38,13 @@ case "${1:-}" in
       --batch-size 8 --steps 600 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
       --eval-blocks 16 --eval-every 100 --save-every 50 --max-minutes 40 --mixed-precision bf16 \
       $RESUME 2>&1 | tee -a $D/train.log ;;
+  export)
+    # A resume with --steps at the checkpoint's step runs no step and exports its gates
+    # (thresholds recalibrated for them) to $R/train/final.
+    OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $R/train --mode frozen \
+      --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
+      --batch-size 8 --steps 250 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
+      --eval-blocks 16 --eval-every 100 --save-every 50 --max-minutes 40 --mixed-precision bf16 --resume ;;
   proxy)
     # Held-out text (never trained, searched or chosen on), as round 6's proxy: 32 x 64 tokens
     # with agreement on 20 prompts, and 8 x 256 tokens.
