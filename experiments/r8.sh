@@ -5,6 +5,7 @@
 # Stages, in the order they ran:
 #   bash experiments/r8.sh train    # both threads; stopped at step 295 of 600 (21 min): the loss was NaN
 #   bash experiments/r8.sh export   # so the gates of its last checkpoint (step 250) are the ones used
+#   bash experiments/r8.sh nan-check   # after the unit_factor fix: steps 251-300 again from that checkpoint
 #   bash experiments/r8.sh proxy    # shipped vs round 8's gates (same allocations), ShortGPT, random
 #   BUDGETS=... bash experiments/r8.sh tasks-1 & BUDGETS=... bash experiments/r8.sh tasks-2
 #   bash experiments/r8.sh speed-alloc   # allocations at 40 and 50 % for the speed run
@@ -48,6 +49,16 @@ case "${1:-}" in
       --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
       --batch-size 8 --steps 250 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
       --eval-blocks 16 --eval-every 100 --save-every 50 --max-minutes 40 --mixed-precision bf16 --resume ;;
+  nan-check)
+    # The same run resumed from step 250 in a copy (its config's out renamed), with plan.unit_factor fixed.
+    mkdir -p $R/nan-check/checkpoints && cp -r $R/train/checkpoints/step-00000250 $R/nan-check/checkpoints/
+    .venv/bin/python -c "import json; p = '$R/nan-check/train_config.json'; d = json.load(open('$R/train/train_config.json'));
+d['out'] = '$R/nan-check'; json.dump(d, open(p, 'w'), indent=2)"
+    head -250 $R/train/metrics.jsonl > $R/nan-check/metrics.jsonl
+    OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $R/nan-check --mode frozen \
+      --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
+      --batch-size 8 --steps 300 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
+      --eval-blocks 16 --eval-every 100 --save-every 0 --max-minutes 40 --mixed-precision bf16 --resume ;;
   proxy)
     # Held-out text (never trained, searched or chosen on), as round 6's proxy: 32 x 64 tokens
     # with agreement on 20 prompts, and 8 x 256 tokens.
