@@ -21,13 +21,6 @@ TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 mkdir -p $R $D
 test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
-# base_rows SRC DST TASKS: a sweep file holding only SRC's base records of TASKS (comma-separated),
-# unless DST exists (so a sweep into DST's folder resumes them instead of running the base again)
-base_rows() {
-  test -f $2 || .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]));
-d['records'] = [r for r in d['records'] if r['method'] == 'base' and r['task'] in sys.argv[3].split(',')]
-json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$@"
-}
 case "${1:-}" in
   refine-25|refine-30)
     # From the shipped (round 6) allocation at 25 or 30 %, on the same 16 x 64 tokens round 6
@@ -43,7 +36,7 @@ case "${1:-}" in
     # round 6's records (only those copied in, so the sweep resumes them), the same items.
     for H in a b; do
       T=hellaswag; [ $H = b ] && T=arc_easy,arc_challenge,piqa,winogrande
-      mkdir -p $R/five-$H && base_rows $P6/sg-$H/results.json $R/five-$H/results.json $T
+      mkdir -p $R/five-$H && .venv/bin/python experiments/base_rows.py $P6/sg-$H/results.json $R/five-$H/results.json $T
       $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks $T --limit 500 --batch-size 16 \
         --method gateskip,shortgpt --budgets 0.05 --out $R/five-$H 2>&1 | tee -a $R/five-$H.log
     done ;;
@@ -73,7 +66,7 @@ case "${1:-}" in
     [ $1 = tasks-1 ] && PARTS="arc_easy,arc_challenge=b" || PARTS="hellaswag=a piqa,winogrande=b"
     for PART in $PARTS; do
       T=${PART%=*}; F=$R/table-${T//,/-}
-      mkdir -p $F && base_rows $P6/sg-${PART#*=}/results.json $F/results.json $T
+      mkdir -p $F && .venv/bin/python experiments/base_rows.py $P6/sg-${PART#*=}/results.json $F/results.json $T
       $G eval smollm2-135m --gates gates/smollm2-135m-unit --tasks $T --limit 500 --batch-size 16 --method gateskip \
         --budgets ${BUDGETS:-0.25,0.3} --out $F 2>&1 | tee -a $F.log
     done ;;

@@ -10,7 +10,7 @@
 #   BUDGETS=... bash experiments/r8.sh tasks-1 & BUDGETS=... bash experiments/r8.sh tasks-2
 #   bash experiments/r8.sh speed-alloc   # allocations at 40 and 50 % for the speed run
 #   bash experiments/r8.sh speed    # issue 12: the shipped gates' speed, alone on the machine
-# Machine: a 2-core AMD EPYC VM with avx512_bf16 (MACHINE), no GPU.
+# Machine: a 2-core Intel Xeon VM with avx512_bf16 and AMX (MACHINE), no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -22,14 +22,12 @@ TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 mkdir -p $R $D
 test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
-# base_rows SRC DST TASKS GATES: a sweep file holding only SRC's base records of TASKS (comma-separated),
-# its settings naming GATES (the base model's records do not depend on the gates), unless DST exists
-# (so a sweep into DST's folder with --gates GATES resumes them instead of running the base again)
-base_rows() {
-  test -f $2 || .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]));
-d['records'] = [r for r in d['records'] if r['method'] == 'base' and r['task'] in sys.argv[3].split(',')]
-d['settings']['gates'] = sys.argv[4]
-json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$@"
+# train_run OUT STEPS SAVE_EVERY FLAG: round 8's training run (both threads, bf16) in OUT
+train_run() {
+  OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $1 --mode frozen \
+    --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
+    --batch-size 8 --steps $2 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
+    --eval-blocks 16 --eval-every 100 --save-every $3 --max-minutes 40 --mixed-precision bf16 $4
 }
 case "${1:-}" in
   train)
@@ -37,28 +35,18 @@ case "${1:-}" in
     # shipped allocation for one target does, the six targets in turn; 8 x 64 tokens a step.
     # Resumable: run it again and it continues from the last checkpoint.
     RESUME=--overwrite; test -d $R/train/checkpoints && RESUME=--resume
-    OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $R/train --mode frozen \
-      --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
-      --batch-size 8 --steps 600 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
-      --eval-blocks 16 --eval-every 100 --save-every 50 --max-minutes 40 --mixed-precision bf16 \
-      $RESUME 2>&1 | tee -a $D/train.log ;;
+    train_run $R/train 600 50 $RESUME 2>&1 | tee -a $D/train.log ;;
   export)
     # A resume with --steps at the checkpoint's step runs no step and exports its gates
     # (thresholds recalibrated for them) to $R/train/final.
-    OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $R/train --mode frozen \
-      --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
-      --batch-size 8 --steps 250 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
-      --eval-blocks 16 --eval-every 100 --save-every 50 --max-minutes 40 --mixed-precision bf16 --resume ;;
+    train_run $R/train 250 50 --resume ;;
   nan-check)
     # The same run resumed from step 250 in a copy (its config's out renamed), with plan.unit_factor fixed.
     mkdir -p $R/nan-check/checkpoints && cp -r $R/train/checkpoints/step-00000250 $R/nan-check/checkpoints/
     .venv/bin/python -c "import json; p = '$R/nan-check/train_config.json'; d = json.load(open('$R/train/train_config.json'));
 d['out'] = '$R/nan-check'; json.dump(d, open(p, 'w'), indent=2)"
     head -250 $R/train/metrics.jsonl > $R/nan-check/metrics.jsonl
-    OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $R/nan-check --mode frozen \
-      --init-gates gates/smollm2-135m-unit --allocation 0.05 0.1 0.15 0.2 0.25 0.3 --seq-len 64 \
-      --batch-size 8 --steps 300 --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 \
-      --eval-blocks 16 --eval-every 100 --save-every 0 --max-minutes 40 --mixed-precision bf16 --resume ;;
+    train_run $R/nan-check 300 0 --resume ;;
   proxy)
     # Held-out text (never trained, searched or chosen on), as round 6's proxy: 32 x 64 tokens
     # with agreement on 20 prompts, and 8 x 256 tokens.
@@ -78,7 +66,7 @@ d['out'] = '$R/nan-check'; json.dump(d, open(p, 'w'), indent=2)"
     [ $1 = tasks-1 ] && PARTS="arc_easy,arc_challenge=b" || PARTS="hellaswag=a piqa,winogrande=b"
     for PART in $PARTS; do
       T=${PART%=*}; F=$R/table-${T//,/-}
-      mkdir -p $F && base_rows $P6/sg-${PART#*=}/results.json $F/results.json $T $R/train/final
+      mkdir -p $F && .venv/bin/python experiments/base_rows.py $P6/sg-${PART#*=}/results.json $F/results.json $T --gates $R/train/final
       $G eval smollm2-135m --gates $R/train/final --tasks $T --limit 500 --batch-size 16 --method gateskip \
         --budgets ${BUDGETS:-0.25,0.3} --out $F 2>&1 | tee -a $F.log
     done ;;
@@ -89,8 +77,9 @@ d['out'] = '$R/nan-check'; json.dump(d, open(p, 'w'), indent=2)"
     OMP_NUM_THREADS=1 $G allocate smollm2-135m --gates $R/speed/gateskip.safetensors --targets 0.4 0.5 --bf16 \
       --text $TRAIN --sequences 4 --length 64 --levels 0.5 1.0 --overwrite 2>&1 | tee $D/allocate-speed.log ;;
   speed)
-    # Issue 12 (threads: the free cores, bench's default): the shipped gates' allocations at 10-30 % and those at 40 and
-    # 50 %; prefill 4 x 512, batch 1 and batch 8 decoding of 64 greedy tokens, speculative at 10 %.
+    # Issue 12 (threads: the free cores, bench's default): the shipped gates' allocations at
+    # 10-30 % and those at 40 and 50 %; prefill 4 x 512, batch 1 and batch 8 decoding of 64 greedy
+    # tokens, speculative at 10 %.
     $G bench smollm2-135m --gates $R/speed/gateskip.safetensors --budgets 0.1 0.2 0.3 0.4 0.5 --speculative 0.1 \
       --prefill 4 512 --new-tokens 64 --batch 8 --rounds 3 --json $D/bench.json 2>&1 | tee $D/bench.log ;;
   *) echo "usage: bash experiments/r8.sh STAGE (see the header)" >&2; exit 2 ;;

@@ -93,8 +93,8 @@ UNGATED = Decision()
 def unit_factor(g: torch.Tensor) -> torch.Tensor | None:
     """Straight-through factor of unit gates: 1 + (imp - imp.detach()) / imp.detach() is exactly 1
     in the forward and gives the gate the gradient of scaling its branch (that of imp / imp.detach());
-    the floor on the divisor keeps a token whose gate underflowed to 0 (a massive activation) from
-    making 0 / 0 = NaN. None (no multiply) when no gradient is taken."""
+    the floor on the divisor keeps a token whose gate underflowed to 0 from making 0 / 0 = NaN.
+    None (no multiply) when no gradient is taken."""
     if not g.requires_grad:
         return None
     imp = importance(g).unsqueeze(-1)
