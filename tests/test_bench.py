@@ -3,7 +3,7 @@ eager one, and every row says whether its tokens equal HF generate's."""
 
 import torch
 
-from gateskip.bench import decode_speed, print_decode
+from gateskip.bench import decode_speed, print_decode, same_text
 from test_generation import calibrated, random_prompts
 
 torch.set_num_threads(1)
@@ -22,3 +22,13 @@ def test_decode_speed_times_compiled_beside_eager(capsys):
     print_decode(result)
     out = capsys.readouterr().out
     assert "first compiled call (compiling included)" in out and " 0.5 compiled" in out
+
+
+def test_same_text_ends_each_row_at_its_first_stop_token():
+    # HF generate under min_new_tokens bans the stop token (2), so where our row stops it goes on.
+    reference = torch.tensor([[7, 7, 5, 6, 8], [7, 7, 5, 6, 8]])
+    stopped = torch.tensor([[7, 7, 5, 2, 9], [7, 7, 5, 6, 8]])
+    assert same_text(stopped, reference, prompt=2, stops={2})
+    assert not same_text(stopped, reference, prompt=2, stops=set())
+    differs = torch.tensor([[7, 7, 4, 2, 9], [7, 7, 5, 6, 8]])
+    assert not same_text(differs, reference, prompt=2, stops={2})

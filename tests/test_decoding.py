@@ -103,3 +103,28 @@ def test_compile_failure_warns_once_and_decodes_eagerly(monkeypatch):
         f"torch.compile failed for {name} (RuntimeError: no compiler here); decoding eagerly"
         for name in ("step_keys", "step_attend", "step_mlp")]
     assert torch.equal(fallback.sequences, decode(model, ids, budget=0.5, max_new_tokens=8).sequences)
+
+
+def test_removed_attention_writes_no_keys_and_changes_no_token():
+    """Under an allocation that removes modules, the lean decoder computes no K/V for a removed
+    attention module (no query of it reads them until a full-compute pass rewrites the cache),
+    and its tokens still equal HF generate's, which computes them; speculative drafts under it
+    stay lossless."""
+    from gateskip import AllocationBudget
+    from gateskip.speculative import speculative_generate
+
+    model = calibrated("llama")
+    half = model.gate_bank.thresholds["0.5"]
+    budget = AllocationBudget({"attn.1": 1.0, "mlp.2": 1.0, "attn.0": 0.5, "mlp.0": 0.5}, 0.3,
+                              thresholds={"attn.0": half["attn.0"], "mlp.0": half["mlp.0"]})
+    ids, mask = random_prompts([21, 9, 14], seed=3)
+    reference = generate(model, ids, mask, budget=budget, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ours = decode(model, ids, mask, budget=budget, max_new_tokens=10)
+    assert torch.equal(ours.sequences, reference.sequences)
+    assert skipped(ours.decode) == skipped(reference.decode)
+    assert ours.decode.modules()["attn.1"].kv_skipped == ours.decode.tokens > 0
+    assert reference.decode.modules()["attn.1"].kv_skipped == 0
+    one = ids[:1]
+    full = generate(model, one, None, budget=None, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for k in (1, 3):
+        assert torch.equal(speculative_generate(model, one, budget=budget, k=k, max_new_tokens=12).sequences, full.sequences)

@@ -69,12 +69,13 @@ class GatedLayerMixin:
         norms = branch_norms(self)
         h = hidden_states
         step = skip_ctx.decode_step and skip_ctx.physical  # one token per row: run modules on their kept rows
+        needs_keys = cache is not None and not skip_ctx.decode_step  # see ForwardContext.decode_step
 
         # Attention branch (a removed one still computes keys and values where a cache wants them)
         norm_in, norm_out = norms["attn"]
-        x = norm_in(h)
-        d = skip_ctx.decide("attn", layer, x, needs_keys=cache is not None)
-        if d.removed and cache is None:
+        x = None if skip_ctx.removes("attn", layer) and not needs_keys else norm_in(h)
+        d = skip_ctx.decide("attn", layer, x, needs_keys)
+        if d.removed and not needs_keys:
             pass
         elif step:
             out = attention_step(self.self_attn, x, kept_rows(d.keep), position_embeddings, attention_mask, cache, kwargs,
@@ -91,7 +92,7 @@ class GatedLayerMixin:
 
         # MLP branch
         norm_in, norm_out = norms["mlp"]
-        x = norm_in(h)
+        x = None if skip_ctx.removes("mlp", layer) else norm_in(h)
         d = skip_ctx.decide("mlp", layer, x)
         if d.removed:
             pass

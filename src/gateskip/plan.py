@@ -113,6 +113,8 @@ class ForwardContext:
     counts: tuple[list[int], list[int]] | None = None  # per sequence (real, protected) tokens, when known ahead
     # A step of gateskip.decoding: one token per row attending to its cache; every module runs on the
     # rows that keep it, through gateskip.execution's step functions (HF's attention is not called).
+    # Its cache is read under the plan that writes it until a full-compute pass rewrites it (a
+    # speculative verify), so a removed attention module's keys, which no query reads, are not written.
     decode_step: bool = False
     kernels: object | None = None  # a decode step's execution.StepKernels (None: eager)
 
@@ -156,11 +158,18 @@ class ForwardContext:
     def physical(self) -> bool:
         return self.plan.execution == "physical"
 
-    def decide(self, branch: str, layer: int, x: torch.Tensor, needs_keys: bool = False) -> Decision:
+    def removes(self, branch: str, layer: int) -> bool:
+        """Whether no token runs this module in this forward (physical execution, ratio 1, no
+        protected token): it needs no input, only the keys a cache may want of it."""
+        budget = self.plan.budget
+        return (self.physical and self.protect is None and budget is not None and self.bank is not None
+                and self.bank.get(branch, layer) is not None and budget.fixed(f"{branch}.{layer}") is False)
+
+    def decide(self, branch: str, layer: int, x: torch.Tensor | None, needs_keys: bool = False) -> Decision:
         """Evaluate a module's gate where one is needed and decide which tokens run its branch.
 
-        x is the branch input; needs_keys says that a cache wants this attention module's keys
-        and values even if no token runs it."""
+        x is the branch input (None where `removes` says no token runs the module); needs_keys
+        says that a cache wants this attention module's keys and values even if no token runs it."""
         gate = None if self.bank is None else self.bank.get(branch, layer)
         if gate is None:
             return UNGATED
@@ -175,7 +184,7 @@ class ForwardContext:
             keep = self.valid & self.protect if self.protect is not None else torch.zeros_like(self.valid)
         else:
             keep = budget.keep(importance(g), self.valid, self.protect, key)
-        removed = self.physical and fixed is False and self.protect is None
+        removed = self.removes(branch, layer)
         if self.plan.stats is not None:
             self.plan.stats.record_module(key, self.valid, keep, self.context, gated=g is not None,
                                           kv_skipped=removed and branch == "attn" and not needs_keys)
