@@ -163,7 +163,7 @@ class ForwardContext:
         protected token): it needs no input, only the keys a cache may want of it."""
         budget = self.plan.budget
         return (self.physical and self.protect is None and budget is not None and self.bank is not None
-                and self.bank.get(branch, layer) is not None and budget.fixed(f"{branch}.{layer}") is False)
+                and budget.fixed(f"{branch}.{layer}") is False and self.bank.get(branch, layer) is not None)
 
     def decide(self, branch: str, layer: int, x: torch.Tensor | None, needs_keys: bool = False) -> Decision:
         """Evaluate a module's gate where one is needed and decide which tokens run its branch.
