@@ -85,7 +85,7 @@ class JobSizes:
     proxy_length: int = 256
     agreement_prompts: int = 4  # held-out prompts the base continues greedily; the proxy scores agreement on them
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
-    items: int = 100  # per task; lm-eval's standard error is printed with every score
+    items: int = 200  # per task; lm-eval's standard error is printed with every score
     random_targets: tuple[float, ...] = (0.2,)  # random skipping on tasks (the proxy has its whole curve)
     sample_targets: tuple[float, ...] = (0.1, 0.2)
     new_tokens: int = 40
