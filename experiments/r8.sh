@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 G=.venv/bin/gateskip
-R=runs/r8
-D=docs/results/experiment-r8
+R=${R:-runs/r8}  # overridable: r9.sh reruns speed-alloc into its own folders
+D=${D:-docs/results/experiment-r8}
 P6=docs/results/experiment-r6
 TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz

@@ -18,11 +18,9 @@ mkdir -p $R $D
 test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
 case "${1:-}" in
   speed-alloc)
-    # For speed only, as round 8 (experiments/r8.sh speed-alloc): greedy allocations at 40 and 50 %
-    # (bf16 search on 4 x 64 tokens of training text); not shipped, their text is poor.
-    mkdir -p $R/speed && cp gates/smollm2-135m-unit/gateskip.safetensors $R/speed/
-    OMP_NUM_THREADS=1 $G allocate smollm2-135m --gates $R/speed/gateskip.safetensors --targets 0.4 0.5 --bf16 \
-      --text $TRAIN --sequences 4 --length 64 --levels 0.5 1.0 --overwrite 2>&1 | tee $D/allocate-speed.log ;;
+    # For speed only, round 8's search (experiments/r8.sh speed-alloc) into this round's folders:
+    # greedy allocations at 40 and 50 % on 4 x 64 tokens, bf16; not shipped, their text is poor.
+    R=$R D=$D bash experiments/r8.sh speed-alloc ;;
   speed)
     # Threads: the free cores (bench's default). 5 interleaved rounds.
     $G bench smollm2-135m --gates $R/speed/gateskip.safetensors --budgets 0.1 0.2 0.3 0.4 0.5 --speculative 0.1 \
