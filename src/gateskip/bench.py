@@ -23,7 +23,7 @@ from .allocation import allocation_budget
 from .budget import QuantileBudget
 from .calibrate import ratio_key
 from .flops import ModelDims, flop_report
-from .generation import decode_budget, reports
+from .generation import decode_budget, reports, stop_tokens
 from .plan import SkipPlan
 from .stats import SkipStats
 from .timing import time_interleaved
@@ -99,11 +99,6 @@ def same_text(sequences: torch.Tensor, reference: torch.Tensor, prompt: int, sto
     return True
 
 
-def _stops(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-
-
 def decode_speed(model, ids: torch.Tensor, mask: torch.Tensor | None, targets, new_tokens: int, rounds: int = 3,
                  speculative: float | None = None, pad: int = 0, compile: bool = False) -> dict:
     """Greedy decoding of `new_tokens` per row at each target vs HF generate on the ungated model.
@@ -133,7 +128,8 @@ def decode_speed(model, ids: torch.Tensor, mask: torch.Tensor | None, targets, n
                                                            max_new_tokens=new_tokens)
     times = time_interleaved(runs, rounds=rounds)
     hf, tokens = times["HF generate"], new_tokens * ids.shape[0]
-    reference, stops, n = model.generate(ids, attention_mask=mask, **kw), _stops(model), ids.shape[1]
+    reference = model.generate(ids, attention_mask=mask, **kw)
+    stops, n = stop_tokens(model.generation_config.eos_token_id), ids.shape[1]
     rows = [{"target": None, "tokens_per_s": tokens / hf, "speedup": 1.0}]
     for c in modes:
         for t, b in budgets.items():

@@ -30,7 +30,7 @@ from .budget import AllocationBudget, ThresholdBudget
 from .compiled import KERNELS
 from .errors import GateSkipError
 from .execution import StepKernels
-from .generation import Generation, check_prompt, decode_budget
+from .generation import Generation, check_prompt, decode_budget, stop_tokens
 from .model import decoder_layers
 from .plan import ForwardContext, SkipPlan
 from .stats import SkipStats
@@ -263,8 +263,7 @@ def decode(
     b, n = input_ids.shape
     context = getattr(model.config, "max_position_embeddings", None) or n + max_new_tokens
     steps = min(max_new_tokens, context - n)
-    stops = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
-                         dtype=torch.long, device=input_ids.device)
+    stops = torch.tensor(sorted(stop_tokens(eos_token_id)), dtype=torch.long, device=input_ids.device)
     padded = attention_mask is not None and not bool(attention_mask.all())
     prefill_stats, decode_stats = SkipStats(), SkipStats()
     plan = SkipPlan(budget=decode_budget(model, budget), stats=prefill_stats)

@@ -47,6 +47,11 @@ def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | No
     raise GateSkipError(f"decoding needs a calibrated ratio or a ThresholdBudget, got {budget!r} (quantile budgets do not skip single tokens)")
 
 
+def stop_tokens(eos_token_id: int | list[int] | None) -> set[int]:
+    """The stop tokens an `eos_token_id` names (HF allows one id, a list, or none)."""
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+
+
 def check_prompt(model, input_ids: torch.Tensor) -> None:
     """Clear errors for prompts the model cannot continue."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -35,7 +35,7 @@ from .budget import AllocationBudget, ThresholdBudget
 from .decoding import Chooser, Stepper, prefill, step_context
 from .errors import GateSkipError
 from .flops import ModelDims, flop_report
-from .generation import check_prompt, combine, decode_budget
+from .generation import check_prompt, combine, decode_budget, stop_tokens
 from .plan import SkipPlan
 from .stats import SkipStats
 
@@ -173,7 +173,7 @@ def speculative_generate(
         raise GateSkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
     draft_budget = decode_budget(model, budget)
-    stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    stops = stop_tokens(eos_token_id)
     n = input_ids.shape[1]
     context = getattr(model.config, "max_position_embeddings", None) or n + max_new_tokens
     limit = min(max_new_tokens, context - n)
