@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .budget import ThresholdBudget, check_ratio
 from .errors import GateSkipError
-from .model import is_gated, save_gates
+from .gates import GateBank
+from .model import is_gated
 from .plan import SkipPlan
 from .validate import existing_path, fits_context, integer, ratio, text_source
 
@@ -117,14 +118,16 @@ def calibrate_allocation(model, samples: tuple[torch.Tensor, torch.Tensor], allo
         entry["thresholds"] = {k: v for k, v in budget.thresholds.items() if 0.0 < ratios.get(k, 0.0) < 1.0}
 
 
-def threshold_budget(model, ratio: float) -> ThresholdBudget:
-    """The calibrated ThresholdBudget for a target ratio. Ratio 0 needs no calibration."""
+def threshold_budget(gates, ratio: float) -> ThresholdBudget:
+    """The calibrated ThresholdBudget for a target ratio. Ratio 0 needs no calibration.
+    `gates` is a gated model or its GateBank."""
     ratio = check_ratio(ratio)
-    if not is_gated(model):
+    bank = gates if isinstance(gates, GateBank) else getattr(gates, "gate_bank", None)
+    if bank is None:
         raise GateSkipError("a threshold budget needs a model with gates")
     if ratio == 0.0:
-        return ThresholdBudget({k: -math.inf for k in model.gate_bank.module_keys()}, 0.0)
-    stored = model.gate_bank.thresholds
+        return ThresholdBudget({k: -math.inf for k in bank.module_keys()}, 0.0)
+    stored = bank.thresholds
     key = ratio_key(ratio)
     if key not in stored:
         have = ", ".join(sorted(stored, key=float)) or "none"
@@ -170,16 +173,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .loading import load_model
-    from .model import load_gates
+    from .model import load_gates, update_gate_file, writable_gate_file
 
+    writable_gate_file(args.gates)  # the thresholds are saved back into it: found writable first
     model, tokenizer = load_model(args.model)
     fits_context(model, args.length, "--length")
     load_gates(model, args.gates)
+    before = {k: dict(v) for k, v in model.gate_bank.thresholds.items()}
     stored = [ratio_key(r) for r in args.ratios if ratio_key(r) in model.gate_bank.thresholds]
     if stored and not args.overwrite:
         raise GateSkipError(f"{args.gates} already holds thresholds for ratio {stored[0]}; pass --overwrite to replace them")
     samples = sample_tokens(tokenizer, args.text, args.sequences, args.length)
     found = calibrate(model, samples, args.ratios)
-    path = save_gates(model, args.gates)
+    path = update_gate_file(model, args.gates, "thresholds", found, before)
     print(f"calibrated ratios {', '.join(found)} on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
     return 0

@@ -21,6 +21,7 @@ Greedy tokens equal those of HF `generate` under the same budget (tests/test_dec
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from .budget import AllocationBudget, ThresholdBudget
 from .compiled import KERNELS
 from .errors import GateSkipError
 from .execution import StepKernels
-from .generation import Generation, check_prompt, decode_budget, stop_tokens
+from .generation import Generation, check_attention_mask, check_prompt, decode_budget, stop_tokens
 from .model import decoder_layers
 from .plan import ForwardContext, SkipPlan
 from .stats import SkipStats
@@ -159,7 +160,7 @@ class Stepper:
             kind = None if self.rope_kind is None else self.rope_kind[i]
             if kind not in rope:
                 rope[kind] = inner.rotary_emb(h, positions) if kind is None else inner.rotary_emb(h, positions, kind)
-            h = layer(h, attention_mask=masks[self.kinds[i]], position_ids=positions, cache=self.cache,
+            h = layer(h, attention_mask=masks[self.kinds[i]], position_ids=positions, past_key_values=self.cache,
                       position_embeddings=rope[kind], skip_ctx=ctx)
         self.cache.advance(t)
         logits = self.model.lm_head(inner.norm(h[:, -logits_to_keep:]))
@@ -192,14 +193,32 @@ def warpers(temperature: float, top_k: int | None, top_p: float | None) -> Logit
     return out
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Sampling settings that mean something, each refused by name otherwise: temperature a finite
+    number (above 0 when sampling), top_k None or a whole number >= 1 (0: none), top_p None or in (0, 1]."""
+    if not isinstance(do_sample, bool):
+        raise GateSkipError(f"do_sample must be True or False, got {do_sample!r}")
+    if not _is_number(temperature) or not math.isfinite(temperature):
+        raise GateSkipError(f"temperature must be a finite number, got {temperature!r}")
+    if do_sample and temperature <= 0:
+        raise GateSkipError(f"temperature must be positive when sampling, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise GateSkipError(f"top_k must be None or a whole number of at least 1, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):  # NaN fails the comparison
+        raise GateSkipError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 class Chooser:
     """Turns logits into tokens: argmax when greedy, else a sample from the warped
     distribution (which is also what the speculative rejection rule compares)."""
 
     def __init__(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None):
-        if do_sample and temperature <= 0:
-            raise GateSkipError(f"temperature must be positive when sampling, got {temperature}")
+        check_sampling(do_sample, temperature, top_k, top_p)
         self.do_sample, self.warpers, self.generator = do_sample, warpers(temperature, top_k, top_p), generator
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -225,7 +244,7 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, plan: SkipPlan,
     """Last-position logits (B, V) of the prompt through the HF forward, and a StaticKV holding its K/V."""
     hf_cache = DynamicCache(config=model.config)
     positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(ids, attention_mask=mask, position_ids=positions, cache=hf_cache, use_cache=True, skip_plan=plan,
+    logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=hf_cache, use_cache=True, skip_plan=plan,
                    logits_to_keep=1).logits[:, -1]
     cache = StaticKV(model, ids.shape[0], capacity, whole)
     cache.load(hf_cache, ids.shape[1])
@@ -257,14 +276,21 @@ def decode(
     decisions stay eager, attention sees the whole static cache; eager again, with one
     warning, if compiling fails). Off by default: on a CPU it costs compile time for little."""
     check_prompt(model, input_ids)
-    if max_new_tokens < 1:
-        raise GateSkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    mask = check_attention_mask(input_ids, attention_mask)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise GateSkipError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
     chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
+    if mask is None and input_ids.shape[0] > 1:
+        _refuse_unmasked_padding(model, input_ids)
+    prompt = input_ids
+    if mask is not None:  # any padding side, any holes: each row's real tokens, in order, at the right end
+        input_ids, mask = left_aligned(input_ids, mask)
     b, n = input_ids.shape
     context = getattr(model.config, "max_position_embeddings", None) or n + max_new_tokens
     steps = min(max_new_tokens, context - n)
     stops = torch.tensor(sorted(stop_tokens(eos_token_id)), dtype=torch.long, device=input_ids.device)
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded = mask is not None and not bool(mask.all())
+    attention_mask = mask.long() if padded else None
     prefill_stats, decode_stats = SkipStats(), SkipStats()
     plan = SkipPlan(budget=decode_budget(model, budget), stats=prefill_stats)
     logits, cache = prefill(model, input_ids, attention_mask if padded else None, plan, n + steps, whole=compile)
@@ -278,7 +304,7 @@ def decode(
         key_valid[:, :n] = attention_mask.bool()
         real = attention_mask.long().sum(1)
     if streamer is not None:
-        streamer.put(input_ids.cpu())
+        streamer.put(prompt.cpu())
     out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for i in range(steps):
         token, _ = chooser.pick(logits)
@@ -296,5 +322,32 @@ def decode(
         logits = step(token[:, None], (real + i)[:, None], ctx, key_valid)[:, -1]
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat([input_ids, torch.stack(out, 1).to(input_ids.dtype)], 1)
-    return Generation(sequences, n, prefill_stats, decode_stats, None)
+    sequences = torch.cat([prompt, torch.stack(out, 1).to(prompt.dtype)], 1)
+    return Generation(sequences, prompt.shape[1], prefill_stats, decode_stats, None)
+
+
+def left_aligned(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens (mask True), in their order, moved to the right end (left padding, which
+    the prefill's positions and the decode steps' appended tokens assume), and the columns that are
+    padding in every row dropped. A right-padded batch, or one with holes, then decodes as each row
+    would alone."""
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # padding first, then the real tokens in order
+    ids, mask = input_ids.gather(1, order), mask.gather(1, order)
+    width = int(mask.sum(1).max())
+    return ids[:, -width:], mask[:, -width:]
+
+
+def _refuse_unmasked_padding(model, input_ids: torch.Tensor) -> None:
+    """A batch without an attention mask is taken as unpadded: one whose rows begin or end with the
+    model's pad token is refused rather than decoded with the padding read as text."""
+    pads = {getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+            getattr(model.config, "pad_token_id", None)}
+    pads = {p for p in pads if isinstance(p, int)}
+    if not pads:
+        return
+    pad = torch.tensor(sorted(pads), device=input_ids.device)
+    edges = torch.isin(input_ids[:, 0], pad) | torch.isin(input_ids[:, -1], pad)
+    if bool(edges.any()):
+        row = int(edges.nonzero()[0])
+        raise GateSkipError(f"row {row} of input_ids begins or ends with the pad token, but no attention_mask was "
+                            "given: pass the tokenizer's attention_mask (any padding side works)")

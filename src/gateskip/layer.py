@@ -58,13 +58,13 @@ def _add_packed(h: torch.Tensor, result, d: Decision, out_norm: nn.Module | None
 class GatedLayerMixin:
     """Mixed in before an HF decoder layer class; see gateskip.model.add_gates."""
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, skip_ctx: ForwardContext | None = None, **kwargs):
-        if "past_key_values" in kwargs:  # older spelling of `cache`
-            cache = kwargs.pop("past_key_values")
+        cache = past_key_values
         if skip_ctx is None:
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+                                   past_key_values=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                                   **kwargs)
         layer = self.self_attn.layer_idx
         norms = branch_norms(self)
         h = hidden_states
@@ -87,7 +87,7 @@ class GatedLayerMixin:
             h = _add_packed(h, result, d, norm_out)
         else:
             out, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+                                    past_key_values=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
             h = _add_dense(h, out, d, norm_out)
 
         # MLP branch

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .adapters import check_adapter, merge_adapter
 from .config import GateConfig
 from .errors import GateSkipError
+from .files import atomic_path, locked
 from .gates import GateBank
 from .layer import GatedLayerMixin
 from .plan import ForwardContext, SkipPlan
@@ -46,7 +47,7 @@ class GatedCausalLMMixin:
                 logits_to_keep=0, **kwargs):
         if skip_plan is not None:
             ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0
             if cache is None:  # no cache unless asked: a removed attention module then computes no keys either
                 kwargs.setdefault("use_cache", False)
@@ -119,18 +120,32 @@ def add_gates(model: PreTrainedModel, config: GateConfig | None = None) -> PreTr
         layer.__class__ = _gated_subclass(GatedLayerMixin, type(layer))
     model.__class__ = _gated_subclass(GatedCausalLMMixin, type(model))
     model.add_module("gate_bank", bank)
+    hook = getattr(model, "_gateskip_ungated_hook", None)
+    if hook is not None:  # gated again (load_gates after remove_gates): plans are welcome
+        hook.remove()
+        model._gateskip_ungated_hook = None
     return model
 
 
 def remove_gates(model: PreTrainedModel) -> PreTrainedModel:
-    """Undo add_gates: the original classes, no gate bank."""
+    """Undo add_gates: the original classes, no gate bank. A forward given a skip plan afterwards
+    is refused (the HF forward would ignore it and skip nothing without a word)."""
     if not is_gated(model):
         return model
     for layer in decoder_layers(model):
         layer.__class__ = _ungated_class(layer)
     model.__class__ = _ungated_class(model)
     del model.gate_bank
+    if getattr(model, "_gateskip_ungated_hook", None) is None:
+        model._gateskip_ungated_hook = model.register_forward_pre_hook(_refuse_plan_without_gates, with_kwargs=True)
     return model
+
+
+def _refuse_plan_without_gates(module, args, kwargs):
+    if kwargs.get("skip_plan") is not None and not is_gated(module):
+        raise GateSkipError("this model has no gates (remove_gates took them off): a skip_plan would skip nothing; "
+                            "add_gates or load_gates first")
+    return None
 
 
 def _gate_file(path: str | os.PathLike) -> Path:
@@ -141,13 +156,36 @@ def _gate_file(path: str | os.PathLike) -> Path:
 def save_gates(model: PreTrainedModel, path: str | os.PathLike) -> Path:
     """Write the gates, their configuration, calibrated thresholds and the model type (load_gates
     refuses other types) to one safetensors file (`path` itself if it ends in .safetensors, else
-    `path/gateskip.safetensors`)."""
+    `path/gateskip.safetensors`). The file is written whole to a temporary name and renamed into
+    place (keeping a replaced file's mode), under the gate file's lock."""
     if not is_gated(model):
         raise GateSkipError("model has no gates to save")
-    bank: GateBank = model.gate_bank
+    target = _output_gate_file(path)
+    with locked(target):
+        _write_gate_file(target, _bank_tensors(model.gate_bank), _bank_meta(model))
+    return target
+
+
+def _output_gate_file(path: str | os.PathLike) -> Path:
+    """Where save_gates writes for `path`, refusing a path it cannot write to (as GateSkipError)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise GateSkipError(f"save_gates: path must be a folder or a .safetensors file name, got {path!r}")
     target = _gate_file(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
+    if Path(path).is_file() and target != Path(path):
+        raise GateSkipError(f"save_gates: path {path} is an existing file; give a folder (the gates go into "
+                            f"{GATE_FILE} inside it) or a name ending in .safetensors")
+    if target.is_dir():
+        raise GateSkipError(f"save_gates: {target} is a folder; give a folder holding it or another file name")
+    return target
+
+
+def _bank_tensors(bank: GateBank) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
+
+
+def _bank_meta(model) -> dict:
+    bank: GateBank = model.gate_bank
+    return {
         "version": FORMAT_VERSION,
         "gate_config": bank.config.to_dict(),
         "num_layers": bank.num_layers,
@@ -156,20 +194,73 @@ def save_gates(model: PreTrainedModel, path: str | os.PathLike) -> Path:
         "thresholds": bank.thresholds,
         "allocations": bank.allocations,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
-    tmp = target.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"gateskip": json.dumps(meta)})
-    os.replace(tmp, target)  # a reader never sees a half-written file
+
+
+def _write_gate_file(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    try:
+        text = json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise GateSkipError(f"cannot save gates to {target}: thresholds or allocations hold a value that is "
+                            f"not JSON ({e})") from None
+    with atomic_path(target) as tmp:  # a reader never sees a half-written file
+        save_file(tensors, str(tmp), metadata={"gateskip": text})
+
+
+def update_gate_file(model: PreTrainedModel, path: str | os.PathLike, field: str, entries: dict,
+                     before: dict) -> Path:
+    """Save new `entries` ({key: entry}) of `field` ("thresholds" or "allocations") into the gate file
+    at `path` that the model's gates came from, as a read-modify-write under the file's lock: what
+    another process stored there meanwhile (other keys, the other field) is kept, and the model's
+    gate bank then holds the merged table.
+
+    `before` is the field as the file held it when the gates were loaded. Refused, with nothing
+    written: a file whose gate weights are no longer the model's (replaced meanwhile), and a key
+    of `entries` that another process stored or changed meanwhile (two runs computing the same
+    entry: the first one's result stays)."""
+    if field not in ("thresholds", "allocations"):
+        raise GateSkipError(f"update_gate_file: field must be 'thresholds' or 'allocations', got {field!r}")
+    target = _output_gate_file(path)
+    bank: GateBank = model.gate_bank
+    with locked(target):
+        meta, tensors = read_gate_file(target)
+        mine = _bank_tensors(bank)
+        if tensors.keys() != mine.keys() or any(not torch.equal(tensors[k], mine[k]) for k in mine):
+            raise GateSkipError(f"{target} now holds other gate weights than the ones this command loaded (it was "
+                                "replaced while this ran); nothing was saved: rerun on the new file")
+        on_disk = meta.get(field, {})
+        changed = sorted(k for k in entries if on_disk.get(k) != before.get(k))
+        if changed:
+            raise GateSkipError(f"another run stored {field} for {changed[0]} in {target} while this one ran; "
+                                "nothing was saved (its result is kept): rerun with --overwrite to replace it")
+        merged = {**on_disk, **entries}
+        out = {**_bank_meta(model), "thresholds": meta.get("thresholds", {}),
+               "allocations": meta.get("allocations", {}), field: merged}
+        _write_gate_file(target, mine, out)
+    bank.thresholds = {k: dict(v) for k, v in out["thresholds"].items()}
+    bank.allocations = {k: dict(v) for k, v in out["allocations"].items()}
     return target
 
 
-def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a gate file; a clear error if it is missing or not ours."""
+def _existing_gate_file(path: str | os.PathLike) -> Path:
     target = _gate_file(path)
     if Path(path).is_file() and target != Path(path):
         raise GateSkipError(f"{path} is not a gate file: give a .safetensors file or the folder holding {GATE_FILE}")
     if not target.is_file():
         raise GateSkipError(f"no gate file at {target}")
+    return target
+
+
+def writable_gate_file(path: str | os.PathLike) -> Path:
+    """The existing gate file a command will save back into (calibrate, allocate), checked before any
+    work: a gate file, in a folder that takes new files, neither read-only nor immutable."""
+    from .validate import check_replaceable
+
+    return check_replaceable(_existing_gate_file(path))
+
+
+def read_gate_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a gate file; a clear error if it is missing or not ours."""
+    target = _existing_gate_file(path)
     try:
         with safe_open(str(target), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["gateskip"])
@@ -205,21 +296,61 @@ def _check_metadata(meta, where: str) -> None:
         raise GateSkipError(f"{where} has format version {meta['version']}, newer than this gateskip reads "
                             f"({FORMAT_VERSION}); upgrade gateskip")
     try:
-        GateConfig.from_dict(meta["gate_config"])
-    except (TypeError, ValueError) as e:
+        config = GateConfig.from_dict(meta["gate_config"])
+    except (TypeError, ValueError, GateSkipError) as e:
         raise GateSkipError(f"{where}: gate_config is malformed ({e})") from None
-    tables = {f"thresholds for ratio {r}": t for r, t in meta.get("thresholds", {}).items()}
+    if meta["num_layers"] < 1 or meta["hidden_size"] < 1:
+        raise GateSkipError(f"{where}: num_layers and hidden_size must be at least 1, got {meta['num_layers']} and "
+                            f"{meta['hidden_size']}")
+    modules = set(module_keys(meta["num_layers"], config))
+    tables = {}
+    for field in ("thresholds", "allocations"):
+        for key in meta.get(field, {}):
+            _check_ratio_key(key, f"{where}: {field} key", "a net-saving target" if field == "allocations" else "a skip ratio")
+    tables.update({f"thresholds for ratio {r}": t for r, t in meta.get("thresholds", {}).items()})
     for target, entry in meta.get("allocations", {}).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("ratios"), dict):
             raise GateSkipError(f"{where}: allocation {target} is malformed")
         tables[f"allocation {target}'s ratios"] = entry["ratios"]
         tables[f"allocation {target}'s thresholds"] = entry.get("thresholds", {})
+        for name in ("saving", "kl", "measured_saving"):
+            value = entry.get(name)
+            if value is not None and not (_is_number(value) and math.isfinite(value)):
+                raise GateSkipError(f"{where}: allocation {target}'s {name!r} must be a finite number, got {value!r}")
+        if "chosen_from" in entry and not isinstance(entry["chosen_from"], str):
+            raise GateSkipError(f"{where}: allocation {target}'s 'chosen_from' must be a string")
     for name, table in tables.items():
         if not isinstance(table, dict) or not all(_is_number(v) and not math.isnan(v) for v in table.values()):
             raise GateSkipError(f"{where}: {name} must map modules to numbers (no NaN)")
+        unknown = sorted(set(table) - modules)
+        if unknown:
+            raise GateSkipError(f"{where}: {name} names module {unknown[0]}, which these gates do not have "
+                                f"(they have {_describe_modules(modules)}: made for another model?)")
     for target, entry in meta.get("allocations", {}).items():
         if not all(0.0 <= v <= 1.0 for v in entry["ratios"].values()):
             raise GateSkipError(f"{where}: allocation {target} has a skip ratio outside [0, 1]")
+
+
+def _check_ratio_key(key: str, what: str, meaning: str) -> None:
+    """Keys of the thresholds and allocations tables are ratios written as text ("0.25")."""
+    try:
+        value = float(key)
+    except ValueError:
+        raise GateSkipError(f"{what} {key!r} is not a number ({meaning} like '0.25')") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise GateSkipError(f"{what} {key!r} is not {meaning} in [0, 1]")
+
+
+def _describe_modules(modules: set[str]) -> str:
+    layers = {int(k.partition(".")[2]) for k in modules}
+    branches = sorted({k.partition(".")[0] for k in modules})
+    return f"{'/'.join(branches)} of layers 0-{max(layers)}" if layers else "none"
+
+
+def module_keys(num_layers: int, config: GateConfig) -> list[str]:
+    """The gated modules' keys ("attn.0", "mlp.0", ...) of `num_layers` layers gated as `config` says
+    (what GateBank.module_keys returns, without building the gates)."""
+    return [f"{b}.{i}" for i in range(num_layers) for b in ("attn", "mlp") if b in config.branches]
 
 
 def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:

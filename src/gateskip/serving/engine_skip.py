@@ -1,0 +1,92 @@
+"""One gated engine's skipping state: its gates, its budget, the context of each step, its counts.
+
+Lives in vLLM's worker process beside the model. The counts accumulate over the engine's
+life (gateskip.stats) and leave the worker three ways: `LLM.apply_model` (report()), a log
+line every `log_interval` seconds, and the metrics file that `gateskip serve`'s /metrics
+reads (gateskip.serving.metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..flops import ModelDims, flop_report
+from ..plan import ForwardContext, SkipPlan
+from ..stats import SkipStats
+from .metrics import write_report
+from .spec import EngineSpec, check_fits, engine_budget, load_bank
+
+log = logging.getLogger("gateskip.serving")
+
+
+class EngineSkip:
+    def __init__(self, spec: EngineSpec, hf_config):
+        self.spec = spec
+        self.bank = load_bank(spec.gates)
+        check_fits(self.bank, hf_config, spec.gates)
+        self.stats = SkipStats()
+        self.plan = SkipPlan(budget=engine_budget(self.bank, spec.target), stats=self.stats)
+        self.protect_first = not self.bank.config.skip_bos
+        self.dims = ModelDims.from_config(hf_config)
+        self.last_report = time.monotonic()
+        self.writer = _is_first_rank()
+
+    def removes_attention(self, layer: int) -> bool:
+        """Whether the target removes this attention module for every token it may skip."""
+        key = f"attn.{layer}"
+        return self.bank.get("attn", layer) is not None and self.plan.budget.fixed(key) is False
+
+    def context(self, positions: torch.Tensor) -> ForwardContext:
+        """The ForwardContext of one step over vLLM's flattened tokens (one row of N): every token is
+        real, a token at position p sees p + 1 keys, and a sequence's first token is protected where
+        the gates say so. Steps outside a real batch (vLLM's warm-up and profiling) count nothing."""
+        n = positions.shape[-1]
+        valid = torch.ones(1, n, dtype=torch.bool, device=positions.device)
+        seen = (positions + 1).to(torch.float32)[None]
+        first = positions == 0
+        protect = first[None] if self.protect_first and bool(first.any()) else None
+        counting = _in_real_step()
+        self.plan.stats = self.stats if counting else None
+        if counting:
+            self.stats.record_forward(valid, seen)
+        return ForwardContext(self.plan, self.bank, valid, seen, protect)
+
+    def report(self) -> dict:
+        """Counts so far and what they come to (FLOPs of the decoder layers, gates included)."""
+        flops = flop_report(self.stats, self.dims, self.bank.config)
+        modules = {k: [c.seen, c.skipped] for k, c in self.stats.modules().items()}
+        return {"target": self.spec.target, "tokens": flops.tokens, "skip_fraction": flops.paper_fraction,
+                "net_saving": flops.net_saving, "net_saving_with_head": flops.net_saving_with_head, "modules": modules}
+
+    def tick(self) -> None:
+        """After a step: log and publish the counts when `log_interval` seconds have passed."""
+        interval = self.spec.log_interval
+        if not interval or not self.writer or time.monotonic() - self.last_report < interval:
+            return
+        self.last_report = time.monotonic()
+        report = self.report()
+        log.info("gateskip: target %g: %d tokens, skipped %.1f%% of token x module evaluations, net FLOP saving "
+                 "%.1f%% of decoder layers (%.1f%% with the LM head)", report["target"], report["tokens"],
+                 100 * report["skip_fraction"], 100 * report["net_saving"], 100 * report["net_saving_with_head"])
+        if self.spec.metrics_file:
+            write_report(self.spec.metrics_file, report)
+
+
+def _in_real_step() -> bool:
+    """Whether this forward serves requests (vLLM's dummy runs carry no attention metadata)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return is_forward_context_available() and get_forward_context().attn_metadata is not None
+
+
+def _is_first_rank() -> bool:
+    """One writer per engine: tensor-parallel ranks make the same decisions."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, RuntimeError):  # no parallel group set up
+        return True

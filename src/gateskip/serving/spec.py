@@ -1,0 +1,141 @@
+"""What a gated engine runs: which gates, at which target, checked before any engine starts.
+
+One `EngineSpec` travels from the user's command (`gateskip serve`, `gated_llm`) to the model
+inside vLLM's worker processes as `hf_overrides={"gateskip": spec.to_dict()}`, which vLLM
+writes onto the model's config. A folder holding gateskip.safetensors needs no spec: the
+worker finds the gates beside the weights and takes the target from GATESKIP_TARGET (the one
+way to choose it through tools that only take a model path, such as `lm_eval --model vllm`).
+Standard library, safetensors and gateskip's core only: the server process imports this
+before vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..allocation import allocation_budget
+from ..budget import AllocationBudget, ThresholdBudget, check_ratio
+from ..calibrate import threshold_budget
+from ..config import GateConfig
+from ..errors import GateSkipError
+from ..gates import GateBank
+from ..model import GATE_FILE, SUPPORTED_MODEL_TYPES, _gate_file, check_allocation_modules, read_gate_file
+
+TARGET_ENV = "GATESKIP_TARGET"
+CONFIG_KEY = "gateskip"  # the attribute of the model's config that carries the spec
+ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")  # vLLM runs Mistral as Llama
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """gates: the gate file; target: the net-saving target of a stored allocation (or a calibrated
+    skip ratio for gates without allocations); metrics_file: where the worker writes its counts
+    for the server's /metrics (None: nowhere); log_interval: seconds between log lines (0: never)."""
+
+    gates: str
+    target: float = 0.0
+    metrics_file: str | None = None
+    log_interval: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, hf_config, model_folder: str | None) -> "EngineSpec | None":
+        """The spec a worker runs: the one its config carries, else gates found beside the weights
+        (target from GATESKIP_TARGET, else 0), else None (a model without gates: stock vLLM)."""
+        given = getattr(hf_config, CONFIG_KEY, None)
+        if isinstance(given, dict) and given.get("gates"):
+            return cls(**given)
+        if model_folder and (Path(model_folder) / GATE_FILE).is_file():
+            return cls(str(Path(model_folder) / GATE_FILE), env_target())
+        return None
+
+
+def env_target() -> float:
+    """The target GATESKIP_TARGET names (0 when unset), as a one-line error when it is not a ratio."""
+    raw = os.environ.get(TARGET_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        return check_ratio(float(raw))
+    except (ValueError, GateSkipError):
+        raise GateSkipError(f"{TARGET_ENV}={raw!r} is not a net-saving target in [0, 1]") from None
+
+
+def load_bank(gates: str | os.PathLike) -> GateBank:
+    """The GateBank of a gate file (fp32, on the CPU), with its thresholds and allocations."""
+    meta, tensors = read_gate_file(gates)
+    config = GateConfig.from_dict(meta["gate_config"])
+    bank = GateBank(meta["num_layers"], meta["hidden_size"], config)
+    check_allocation_modules(meta.get("allocations", {}), bank.module_keys(), str(_gate_file(gates)))
+    bank.load_state_dict(tensors, strict=True)
+    bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}
+    bank.allocations = {k: dict(v) for k, v in meta.get("allocations", {}).items()}
+    bank.model_type = meta.get("model_type")
+    return bank.float().eval()
+
+
+def engine_budget(bank: GateBank, target: float) -> AllocationBudget | ThresholdBudget:
+    """Per-token decisions by calibrated thresholds (design.md section 7): the stored allocation's
+    for a net-saving target, or the calibrated thresholds of a skip ratio for gates without
+    allocations. Never a quantile: that would make a token depend on its batch-mates."""
+    target = check_ratio(target)
+    if bank.allocations:
+        return allocation_budget(bank, target, decoding=True)
+    return threshold_budget(bank, target)
+
+
+def check_fits(bank: GateBank, hf_config, where: str) -> None:
+    """Gates made for another model are refused in one line, before weights load."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ENGINE_MODEL_TYPES:
+        served = ", ".join(ENGINE_MODEL_TYPES)
+        other = " (gateskip runs Gemma3 in its own decoder, not yet in vLLM)" if model_type in SUPPORTED_MODEL_TYPES else ""
+        raise GateSkipError(f"gateskip's vLLM engine serves {served} models, not {model_type!r}{other}")
+    saved = getattr(bank, "model_type", None)
+    if saved is not None and saved != model_type:
+        raise GateSkipError(f"gate file {where} was made for a {saved} model, but this model is {model_type}")
+    shape = (hf_config.num_hidden_layers, hf_config.hidden_size)
+    if (bank.num_layers, bank.hidden_size) != shape:
+        raise GateSkipError(f"gate file {where} was made for {bank.num_layers} layers of width {bank.hidden_size}, "
+                            f"but this model has {shape[0]} layers of width {shape[1]}")
+
+
+def resolve(model_folder: str, gates: str | os.PathLike | None, target: float) -> EngineSpec | None:
+    """Check a model folder, its gates and a target before an engine starts: the EngineSpec to run,
+    or None for a folder without gates at target 0 (stock vLLM)."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(model_folder)
+    except (OSError, ValueError) as e:
+        raise GateSkipError(f"cannot read the model's config in {model_folder}: {str(e).splitlines()[0]}") from None
+    if gates is None and (Path(model_folder) / GATE_FILE).is_file():
+        gates = Path(model_folder) / GATE_FILE
+    if gates is None:
+        if check_ratio(target) > 0:
+            raise GateSkipError(f"target {target:g} needs gates: {model_folder} holds no {GATE_FILE}; pass --gates PATH")
+        return None
+    where = str(_gate_file(gates))
+    bank = load_bank(gates)
+    check_fits(bank, hf_config, where)
+    engine_budget(bank, target)  # a target with no stored allocation is refused here
+    return EngineSpec(str(Path(where).resolve()), float(target))
+
+
+def overrides(spec: EngineSpec | None) -> dict:
+    """vLLM's hf_overrides for a spec (none for a model without gates)."""
+    return {} if spec is None else {CONFIG_KEY: spec.to_dict()}
+
+
+def describe(spec: EngineSpec | None) -> str:
+    return "no gates (stock vLLM)" if spec is None else f"gates {spec.gates} at target {spec.target:g}"
+
+
+def dumps(spec: EngineSpec | None) -> str:
+    """The --hf-overrides value vLLM's command line takes."""
+    return json.dumps(overrides(spec))

@@ -1,0 +1,154 @@
+"""gateskip inside vLLM: the stock Llama, Mistral and Qwen2 model classes with gated layers.
+
+The plugin (gateskip.serving.plugin) registers these classes under the stock architecture
+names. A model without gates (no EngineSpec, gateskip.serving.spec) is the stock class,
+untouched. With gates, the forward below replaces the stock decoder loop and runs
+gateskip.layer's definition on vLLM's flattened batch (the tokens of many requests, prefill
+and decode mixed), viewed as one row of N tokens:
+
+    h <- h + keep_attn * attn(norm_in(h)),   h <- h + keep_mlp * mlp(norm_post(h))
+
+Decisions are gateskip.plan's ForwardContext with the target's calibrated thresholds: per
+token and per module, so a request's tokens never depend on its batch-mates (design.md
+section 7). What each decision costs here:
+- a removed module (ratio 1) computes nothing. A removed attention module gets no Attention
+  layer, so vLLM allocates it no KV cache. (Gates that protect a sequence's first token run
+  it there alone; a first token attends only to itself, so its output is o_proj(v).)
+- a partly skipped MLP runs its kept rows only (gather, run, index_add);
+- a partly skipped attention module projects and attends every token, so the paged cache
+  gets every token's K/V (design.md section 1), and runs o_proj on the kept rows. vLLM's
+  attention metadata is built once per step for all layers, so skipped tokens' queries
+  and scores are still computed (docs/serving.md says what that costs).
+
+Decisions change shapes, so a gated engine runs eagerly (enforce_eager=True): a compiled or
+CUDA graph would freeze them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.distributed import get_pp_group
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from ..errors import GateSkipError
+from ..model import read_gate_file
+from ..plan import Decision, ForwardContext
+from .engine_skip import EngineSkip
+from .spec import EngineSpec
+
+
+def attention(attn: nn.Module, positions: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The attention branch's output for `rows` (None: every token) of x (N, d)."""
+    if attn.attn is None:  # removed module: only protected first tokens run it, each its own only key
+        qkv, _ = attn.qkv_proj(x[rows])
+        v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)[2]
+        group = attn.num_heads // attn.num_kv_heads
+        o = v.view(-1, attn.num_kv_heads, 1, attn.head_dim).expand(-1, -1, group, -1).reshape(-1, attn.q_size)
+        return attn.o_proj(o)[0]
+    qkv, _ = attn.qkv_proj(x)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(positions, q, k)
+    o = attn.attn(q, k, v)  # writes every token's K/V into the paged cache
+    return attn.o_proj(o if rows is None else o[rows])[0]
+
+
+def kept_rows(d: Decision) -> torch.Tensor | None:
+    """Indices of the tokens that run a branch (None: all of them)."""
+    return None if d.keep is None else d.keep[0].nonzero().squeeze(1)
+
+
+def add(h: torch.Tensor, out: torch.Tensor, d: Decision, rows: torch.Tensor | None) -> torch.Tensor:
+    """h with the branch outputs of `rows` added (soft gates scale them first)."""
+    if d.scale is not None:
+        scale = d.scale[0]
+        out = out * (scale if rows is None else scale[rows])
+    return h + out if rows is None else h.index_add(0, rows, out)
+
+
+def gated_layer(layer: nn.Module, i: int, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """One decoder layer on the flattened tokens h (N, d), read top to bottom."""
+    x = None if ctx.removes("attn", i) else layer.input_layernorm(h)
+    d = ctx.decide("attn", i, None if x is None else x[None])
+    if not d.removed:
+        rows = kept_rows(d)
+        h = add(h, attention(layer.self_attn, positions, x, rows), d, rows)
+
+    x = None if ctx.removes("mlp", i) else layer.post_attention_layernorm(h)
+    d = ctx.decide("mlp", i, None if x is None else x[None])
+    if not d.removed:
+        rows = kept_rows(d)
+        h = add(h, layer.mlp(x if rows is None else x[rows]), d, rows)
+    return h
+
+
+class GatedForCausalLM:
+    """Mixed in before a stock vLLM *ForCausalLM class: gates, decisions and accounting when the
+    model has gates (self.skip), the stock model otherwise."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        model_config = vllm_config.model_config
+        spec = EngineSpec.from_config(model_config.hf_config, model_config.model)
+        self.skip: EngineSkip | None = None
+        if spec is None:
+            return
+        if not model_config.enforce_eager:
+            raise GateSkipError("a gated model needs enforce_eager=True: its per-token decisions change shapes, "
+                                "which compiled and CUDA graphs would freeze")
+        if get_pp_group().world_size > 1:
+            raise GateSkipError("gateskip's vLLM engine does not support pipeline parallelism; use tensor parallelism")
+        self.skip = EngineSkip(spec, model_config.hf_config)
+        self.gate_bank = self.skip.bank  # a submodule: moves with the model, loaded in load_weights
+        for i, layer in enumerate(self.model.layers):
+            check_layer(layer)
+            if self.skip.removes_attention(i):  # no query of this module ever reads keys: no KV cache for it
+                name = layer.self_attn.attn.layer_name
+                del vllm_config.compilation_config.static_forward_context[name]
+                layer.self_attn.attn = None
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self.skip is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        inner = self.model
+        h = inner.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        ctx = self.skip.context(positions)
+        for i, layer in enumerate(inner.layers):
+            h = gated_layer(layer, i, positions, h, ctx)
+        self.skip.tick()
+        return inner.norm(h)
+
+    def load_weights(self, weights):
+        """The stock weights through vLLM's loader; the gates from their own file (a gated folder's
+        gateskip.safetensors also comes through vLLM's loader: it is passed over)."""
+        if self.skip is None:
+            return super().load_weights(weights)
+        loaded = super().load_weights((n, w) for n, w in weights if not n.startswith("gates."))
+        _, tensors = read_gate_file(self.skip.spec.gates)
+        self.gate_bank.load_state_dict(tensors, strict=True)
+        return set(loaded) | {f"gate_bank.{k}" for k in self.gate_bank.state_dict()}
+
+    def gateskip_report(self) -> dict | None:
+        """Counts and FLOP figures so far (None without gates): for `LLM.apply_model`."""
+        return None if self.skip is None else self.skip.report()
+
+
+def check_layer(layer: nn.Module) -> None:
+    """Refuse variants whose attention this forward does not reproduce."""
+    attn = layer.self_attn
+    if getattr(attn, "qk_norm", False) or getattr(attn, "do_llama_4_scaling", False):
+        raise GateSkipError("gateskip's vLLM engine does not support attention with QK norms or Llama-4 scaling")
+
+
+class GatedLlamaForCausalLM(GatedForCausalLM, LlamaForCausalLM):
+    pass
+
+
+class GatedMistralForCausalLM(GatedForCausalLM, MistralForCausalLM):
+    pass
+
+
+class GatedQwen2ForCausalLM(GatedForCausalLM, Qwen2ForCausalLM):
+    pass
