@@ -44,7 +44,8 @@ from .gates import GateBank
 from .model import check_allocation_modules, decoder_layers, is_gated, read_gate_file
 from .plan import SkipPlan
 from .stats import SkipStats
-from .validate import check_output_file, existing_path, fits_context, integer, ratio, text_source
+from .files import save_figure
+from .validate import check_plot_file, existing_path, fits_context, integer, ratio, text_source
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 
@@ -418,10 +419,7 @@ def plot(allocations: dict, module_keys: list[str], path: Path) -> Path:
     axes[0].set_yticks(range(len(layers)), layers)
     axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes, shrink=0.6, label="share of tokens that skip (1 = removed)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def describe(allocations: dict) -> str:
@@ -434,7 +432,8 @@ def describe(allocations: dict) -> str:
         partial = sum(0 < v < 1 for v in r.values())
         measured = f", saving {entry['measured_saving']:.3f} measured there" if "measured_saving" in entry else ""
         source = f" (chosen from {entry['chosen_from']}{measured})" if "chosen_from" in entry else ""
-        lines.append(f"target {t}: saving {entry['saving']:.3f}, KL {entry['kl']:.4f}{source}, "
+        saving, kl = (f"{entry[k]:{form}}" if k in entry else "-" for k, form in (("saving", ".3f"), ("kl", ".4f")))
+        lines.append(f"target {t}: saving {saving}, KL {kl}{source}, "
                      f"{partial} modules partly skipped, removed: {', '.join(removed) or 'none'}")
     return "\n".join(lines)
 
@@ -494,7 +493,7 @@ def candidate_allocations(bank: GateBank, own: Path, others: Sequence[Path]) -> 
 
 def run(args: argparse.Namespace) -> int:
     from .loading import load_model
-    from .model import load_gates, save_gates
+    from .model import load_gates, update_gate_file, writable_gate_file
 
     if not args.show and not args.targets and not args.choose:
         raise GateSkipError("give --targets to search, --choose to choose, or --show to print the stored allocations")
@@ -504,13 +503,15 @@ def run(args: argparse.Namespace) -> int:
         raise GateSkipError("--choose compares stored allocations; --refine searches: give one of them")
     if 1.0 not in args.levels or 0.0 in args.levels:
         raise GateSkipError("--levels must include 1 (removal) and not 0")
-    if args.plot:
-        check_output_file(args.plot, overwrite=args.overwrite)
+    plot_path = check_plot_file(args.plot, overwrite=args.overwrite) if args.plot else None
+    if not args.show:
+        writable_gate_file(args.gates)  # the allocations are saved back into it: found writable first
     model, tokenizer = load_model(args.model)
     if not args.show:
         fits_context(model, args.length, "--length")
     load_gates(model, args.gates)
     bank = model.gate_bank
+    before = {k: dict(v) for k, v in bank.allocations.items()}
     candidates = candidate_allocations(bank, args.gates, args.choose) if args.choose else {}
     targets = [ratio_key(t) for t in args.targets] if args.targets else sorted(
         {k for allocations in candidates.values() for k in allocations}, key=float)
@@ -536,13 +537,12 @@ def run(args: argparse.Namespace) -> int:
                 found = search(model, samples, args.targets, sorted(args.levels), progress=say)
         fresh = {k: e for k, e in found.items() if e.get("chosen_from") != str(args.gates)}
         calibrate_allocation(model, samples, fresh)
-        store(bank, found)
-        path = save_gates(model, args.gates)
+        path = update_gate_file(model, args.gates, "allocations", found, before)
         how = "chosen" if args.choose else "refined" if args.refine else "found"
         print(f"allocations for {', '.join(found)} {how} on {int(samples[1].sum())} tokens of {args.text}; saved to {path}")
     if not bank.allocations:
         raise GateSkipError(f"{args.gates} holds no allocations; run `gateskip allocate MODEL --gates PATH --targets ...`")
     print(describe(bank.allocations))
-    if args.plot:
-        print(f"plot: {plot(bank.allocations, bank.module_keys(), args.plot)}")
+    if plot_path:
+        print(f"plot: {plot(bank.allocations, bank.module_keys(), plot_path)}")
     return 0

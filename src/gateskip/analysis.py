@@ -11,7 +11,6 @@ high gate values in early layers, punctuation stays high, deep layers turn selec
 from __future__ import annotations
 
 import argparse
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from .errors import GateSkipError
 from .gates import importance
 from .model import is_gated
 from .plan import GateTrace, SkipPlan
+from .files import save_figure, write_json, write_text
 from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
 
 # Token classes, in the order plots and tables list them.
@@ -66,17 +66,27 @@ class GateRecord:
         return [layer for layer, _ in rows], self.importance[[i for _, i in rows]]
 
 
-def _traced(model, ids: torch.Tensor, mask: torch.Tensor, budget) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+def _traced(model, ids: torch.Tensor, mask: torch.Tensor, budget,
+            keys: list[str] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+    """(module keys, importances, keep decisions at `budget` or None). With `keys`, the decisions
+    of modules that evaluated no gate (fixed by the budget: every token runs them, or none does,
+    e.g. at budget 1) are filled in from the budget, in the order of `keys`."""
     trace = GateTrace()
     plan = SkipPlan(budget=budget, trace=trace)
     model(ids, attention_mask=mask, skip_plan=plan, logits_to_keep=1)
-    keys = [k for k, _, _ in trace.entries]
-    imp = torch.stack([importance(v) for _, v, _ in trace.entries]).float().cpu()
+    traced = [k for k, _, _ in trace.entries]
+    imp = torch.stack([importance(v) for _, v, _ in trace.entries]).float().cpu() if trace.entries else None
     keep = None
     if plan.budget is not None:  # budgets are deterministic: replaying them on the traced values gives the decisions
-        protect = _protected(model, plan, mask.bool())
-        keep = torch.stack([plan.budget.keep(importance(v), valid, protect, k) for k, v, valid in trace.entries]).cpu()
-    return keys, imp, keep
+        valid = mask.bool()
+        protect = _protected(model, plan, valid)
+        found = {k: plan.budget.keep(importance(v), ok, protect, k) for k, v, ok in trace.entries}
+        for k in keys or traced:
+            if k not in found:  # fixed: all valid tokens run it, or only the protected ones
+                runs = plan.budget.fixed(k)
+                found[k] = valid if runs else valid & protect if protect is not None else torch.zeros_like(valid)
+        keep = torch.stack([found[k] for k in keys or traced]).cpu()
+    return traced, imp, keep
 
 
 def _protected(model, plan: SkipPlan, valid: torch.Tensor) -> torch.Tensor | None:
@@ -102,7 +112,7 @@ def collect(model, ids: torch.Tensor, mask: torch.Tensor | None = None, budget: 
     keys, imp, _ = _traced(model, ids, mask, None)
     keep = None
     if budget is not None:
-        _, _, keep = _traced(model, ids, mask, as_budget(budget))
+        _, _, keep = _traced(model, ids, mask, as_budget(budget), keys)
     return GateRecord(keys, ids.cpu(), imp, mask.bool().cpu(), keep, budget)
 
 
@@ -207,10 +217,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    """Save and close a figure, written whole to a temporary name first (files.atomic_path)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_heatmap(record: GateRecord, path: Path) -> Path:
@@ -369,7 +378,6 @@ def analyze(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor | None, out:
             text: str = "sample text", gates: str = "in memory", untrained: bool = False) -> dict:
     """Collect gate statistics on (ids, mask), write plots, analysis.md and analysis.json to `out`; return the stats."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     record = collect(model, ids, mask, check_ratio(budget))
     classes = classify(tokenizer, record.ids, record.valid)
     means = class_means(record, classes)
@@ -398,8 +406,8 @@ def analyze(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor | None, out:
     }
     if bank.thresholds:
         plots["calibrated thresholds"] = plot_thresholds(bank.thresholds, record.keys, out / PLOTS["thresholds"]).name
-    (out / STATS).write_text(json.dumps(stats, indent=1, default=str))
-    (out / SUMMARY).write_text(summary_markdown(stats, plots))
+    write_json(out / STATS, stats, indent=1, default=str)
+    write_text(out / SUMMARY, summary_markdown(stats, plots))
     return stats
 
 

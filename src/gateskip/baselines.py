@@ -44,6 +44,7 @@ from .gates import GateBank
 from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
+from .files import atomic_folder
 from .validate import check_output_folder, existing_file
 
 METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
@@ -328,9 +329,10 @@ def run(args: argparse.Namespace) -> int:
     enc = tokenizer(sample_texts(args.sample_text), return_tensors="pt", padding=True, truncation=True, max_length=256)
     removed = least_influential(model, (enc["input_ids"], enc["attention_mask"]), count)
     remove_layers(model, removed)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    (args.out / PRUNED).write_text(json.dumps({"source": args.model, "removed_layers": sorted(removed)}))
+    with atomic_folder(args.out) as folder:  # written whole beside --out, then moved in (config.json last)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / PRUNED).write_text(json.dumps({"source": args.model, "removed_layers": sorted(removed)}))
     print(f"removed layers {sorted(removed)}; saved {model.config.num_hidden_layers} layers to {args.out}")
     return 0
 

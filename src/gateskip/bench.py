@@ -11,7 +11,6 @@ shows up beside its number.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -27,7 +26,8 @@ from .generation import decode_budget, reports, stop_tokens
 from .plan import SkipPlan
 from .stats import SkipStats
 from .timing import time_interleaved
-from .validate import existing_path, fits_context, integer, ratio, real
+from .files import write_json
+from .validate import check_output_file, existing_path, fits_context, integer, ratio, real
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -205,6 +205,7 @@ def register(subparsers) -> None:
                    help="also time each budget with the compiled decode step (torch.compile; its first call, "
                         "compiling included, is reported)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run)
 
 
@@ -240,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import add_gates, load_gates
 
+    if args.json:  # checked before the benchmark runs, not after
+        check_output_file(args.json, overwrite=args.overwrite)
     threads, why = choose_threads(args.threads)
     torch.set_num_threads(threads)
     model, tokenizer = load_model(args.model)
@@ -266,6 +269,6 @@ def run(args: argparse.Namespace) -> int:
                    args.compile)
     result["threads"] = threads
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result, indent=1)
+        print(f"wrote {args.json}")
     return 0

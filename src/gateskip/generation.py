@@ -25,7 +25,8 @@ from .flops import FlopReport, ModelDims, flop_report
 from .model import is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
-from .validate import existing_path, fits_context, integer, ratio, real
+from .validate import seed as seed_type
+from .validate import existing_path, fits_context, integer, ratio, real, utf8_text
 
 
 def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | None) -> ThresholdBudget | AllocationBudget | None:
@@ -53,12 +54,43 @@ def stop_tokens(eos_token_id: int | list[int] | None) -> set[int]:
 
 
 def check_prompt(model, input_ids: torch.Tensor) -> None:
-    """Clear errors for prompts the model cannot continue."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    """Clear errors for prompts the model cannot continue: input_ids must be a (batch, tokens)
+    tensor of token ids of this model's vocabulary, shorter than its context."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise GateSkipError(f"input_ids must be a tensor of token ids (batch, tokens), got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise GateSkipError(f"input_ids must be a 2-D tensor (batch, tokens), got shape {tuple(input_ids.shape)}; "
+                            "for one prompt use ids[None] or ids.unsqueeze(0)")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise GateSkipError("the prompt is empty: give at least one token")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise GateSkipError(f"input_ids must hold token ids (an integer tensor), got {input_ids.dtype}")
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) if hasattr(model, "get_input_embeddings") else None
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise GateSkipError(f"input_ids holds token id {low if low < 0 else high}, outside this model's vocabulary "
+                            f"of {vocab} tokens")
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and input_ids.shape[1] >= context:
         raise GateSkipError(f"the prompt has {input_ids.shape[1]} tokens, but the model's context is {context} tokens")
+
+
+def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An attention mask of 0/1 of input_ids' shape, every row holding at least one real token; as bool."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise GateSkipError(f"attention_mask must be a tensor of 0 and 1, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise GateSkipError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                            f"{tuple(input_ids.shape)}: give one 0 or 1 per token")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise GateSkipError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+    mask = attention_mask.bool()
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise GateSkipError(f"row {empty[0]} of attention_mask is all padding: a prompt needs at least one real token")
+    return mask
 
 
 class _SplitStatsAfterPrefill(LogitsProcessor):
@@ -137,14 +169,14 @@ def register(subparsers) -> None:
     p.add_argument("--gates", required=True, type=existing_path, help="gate file or folder (with calibrated thresholds)")
     p.add_argument("--budget", type=ratio, default=0.0,
                    help="calibrated target skip ratio, or the net FLOP saving when the gates store allocations (0 = no skipping)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, type=utf8_text)
     p.add_argument("--max-new-tokens", type=integer(1), default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=real(0.0, above=True), default=1.0, help="with --sample: divides the logits")
     p.add_argument("--top-k", type=integer(1), help="with --sample: only the K most likely tokens (default: all)")
     p.add_argument("--top-p", type=real(0.0, 1.0, above=True), default=1.0,
                    help="with --sample: only the most likely tokens holding this much probability")
-    p.add_argument("--seed", type=integer(0), default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--speculative", type=integer(0), metavar="K", default=0,
                    help="lossless self-speculative decoding: draft K tokens at --budget, verify at full compute "

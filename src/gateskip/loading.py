@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 if TYPE_CHECKING:  # annotations only: importing it loads transformers' modelling stack (and torchao)
@@ -220,6 +221,12 @@ def resolve_spec(spec: str) -> str:
     raise _unknown_spec(spec)
 
 
+# What from_pretrained raises for files it cannot read: OSError (missing, offline), ValueError (bad
+# config JSON, UnicodeDecodeError), safetensors' own error (a truncated or damaged weights file),
+# RuntimeError and EOFError (a damaged pytorch_model.bin).
+LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError, SafetensorError)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -246,7 +253,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             target, dtype=dtype, attn_implementation=attn_implementation
         )
-    except (OSError, ValueError) as exc:  # offline, unknown repo, missing or broken files
+    except LOAD_ERRORS as exc:  # offline, unknown repo, missing, truncated or broken files
         where = f"folder {target}" if is_local else f"hub id {target!r}"
         raise GateSkipError(f"cannot load model from {where}: {_first_line(exc)}") from exc
 

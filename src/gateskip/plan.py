@@ -60,6 +60,14 @@ class SkipPlan:
 
     def __post_init__(self) -> None:
         self.budget = as_budget(self.budget)
+        if self.stats is not None and not isinstance(self.stats, SkipStats):
+            raise GateSkipError(f"SkipPlan stats must be a gateskip.SkipStats (filled in place) or None, "
+                                f"got {type(self.stats).__name__}")
+        if self.trace is not None and not isinstance(self.trace, GateTrace):
+            raise GateSkipError(f"SkipPlan trace must be a GateTrace or None, got {type(self.trace).__name__}")
+        for name in ("apply_gates",) + (("skip_bos",) if self.skip_bos is not None else ()):
+            if not isinstance(getattr(self, name), bool):
+                raise GateSkipError(f"SkipPlan {name} must be True or False, got {getattr(self, name)!r}")
         if self.attention not in ATTENTIONS:
             raise GateSkipError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.execution not in EXECUTIONS:

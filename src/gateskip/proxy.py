@@ -22,7 +22,6 @@ way, so the base scores exactly 1).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,6 +37,7 @@ from .errors import GateSkipError
 from .flops import ModelDims, flop_report
 from .plan import SkipPlan
 from .stats import SkipStats
+from .files import save_figure, write_json, write_text
 from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
 
 EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
@@ -176,10 +176,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
         ax.set_ylabel("LM loss (nats)" if field == "loss" else "KL to the base (nats)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 # CLI ---------------------------------------------------------------------------------
@@ -240,8 +237,7 @@ def run(args: argparse.Namespace) -> int:
                  f"thresholds)\n\n{table(curves, args.targets, 'agreement')}\n")
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "proxy.json").write_text(json.dumps(curves, indent=1))
-        (args.out / "proxy.md").write_text(text)
+        write_json(args.out / "proxy.json", curves, indent=1)
+        write_text(args.out / "proxy.md", text)
         print(f"plot: {plot(curves, args.out / 'proxy.png')}")
     return 0

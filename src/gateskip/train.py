@@ -41,7 +41,8 @@ from . import checkpoint
 from .config import APPLICATIONS, GATE_KINDS, GateConfig
 from .errors import GateSkipError
 from .loading import load_model
-from .validate import check_output_folder, read_json, text_source
+from .validate import MAX_SEED, check_output_folder, read_json, text_source
+from .validate import seed as seed_type
 from .influence import influence_loss
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .allocation import allocation_budget
@@ -144,6 +145,8 @@ class TrainConfig:
             if value is not None and (not math.isfinite(value) or value < low or (name in above and value == low)):
                 bound = "positive" if name in above else f"at least {low:g}"
                 raise GateSkipError(f"{name.replace('_', ' ')} must be {bound} and finite, got {value}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed > MAX_SEED:
+            raise GateSkipError(f"seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         if self.resume and self.overwrite:
             raise GateSkipError("resume continues the run in --out and overwrite starts it over: give one of them")
 
@@ -606,7 +609,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run, a model or gates (its checkpoints and final/ are removed)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed_type, default=d.seed)
     p.add_argument("--mixed-precision", choices=PRECISIONS, default=d.mixed_precision)
     p.set_defaults(func=run)
 

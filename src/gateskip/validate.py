@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,8 +27,8 @@ MODEL_FILES = ("config.json", "gateskip.safetensors", "adapter_config.json")
 # ---------------------------------------------------------------- argparse types
 
 
-def integer(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `minimum`."""
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum` (and at most `maximum`)."""
 
     def parse(text: str) -> int:
         try:
@@ -36,9 +37,16 @@ def integer(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
+
+
+# Seeds reach torch (64 bits), numpy and accelerate's set_seed (32 bits): one range for every --seed.
+MAX_SEED = 2**32 - 1
+seed = integer(0, MAX_SEED)
 
 
 def real(low: float = -math.inf, high: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
@@ -62,6 +70,21 @@ def real(low: float = -math.inf, high: float = math.inf, *, above: bool = False)
 
 
 ratio = real(0.0, 1.0)
+
+
+def utf8_text(text: str) -> str:
+    """An argparse type for free text (a prompt): valid UTF-8. Python hands undecodable bytes of the
+    command line over as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(text)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise argparse.ArgumentTypeError(f"is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise argparse.ArgumentTypeError("is not UTF-8 text (it holds lone surrogate characters)") from None
+    return text
 
 
 def existing_file(text: str) -> Path:
@@ -151,6 +174,17 @@ def fits_context(model, tokens: int, what: str) -> None:
         raise GateSkipError(f"{what} of {tokens} tokens exceeds the model's context of {context} tokens")
 
 
+def _probe(folder: Path, path: Path) -> None:
+    """A new file can be created in `folder` (tried, not asked: os.access says yes to root on a
+    read-only file system or an immutable folder)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".gateskip-probe-", dir=folder)
+    except OSError as e:
+        raise GateSkipError(f"{path} is not writable: cannot create files in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def _writable_parent(path: Path) -> None:
     """A folder that does not exist yet must be creatable: its nearest existing ancestor is a writable folder."""
     parent = path.parent
@@ -158,8 +192,20 @@ def _writable_parent(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise GateSkipError(f"{path} is not writable: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GateSkipError(f"{path} is not writable: cannot create folders in {parent}")
+    _probe(parent, path)
+
+
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """An existing file that a command will replace (through a temporary file renamed onto it):
+    its folder takes new files, and the file is neither read-only nor immutable."""
+    path = Path(path).expanduser()
+    _probe(path.parent, path)
+    try:
+        with open(path, "ab"):  # opening for append changes nothing; an immutable or read-only file refuses
+            pass
+    except OSError as e:
+        raise GateSkipError(f"{path} is not writable ({e.strerror or e})") from None
+    return path
 
 
 def check_output_folder(path: str | os.PathLike, *, writes: Iterable[str] = (), overwrite: bool = False,
@@ -178,6 +224,7 @@ def check_output_folder(path: str | os.PathLike, *, writes: Iterable[str] = (), 
         raise GateSkipError(f"output folder {path} is a file")
     if not os.access(path, os.W_OK | os.X_OK):
         raise GateSkipError(f"output folder {path} is not writable")
+    _probe(path, path)
     if resumes is not None and (path / resumes).exists():
         return path
     if not overwrite:
@@ -189,19 +236,48 @@ def check_output_folder(path: str | os.PathLike, *, writes: Iterable[str] = (), 
         if done:
             raise GateSkipError(f"{path} already holds {done[0]} from an earlier run; choose another folder"
                                 + (" or pass --overwrite to replace it" if resumes is None else ""))
+    for name in writes:
+        if (path / name).is_file():
+            check_replaceable(path / name)
     return path
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """An output file: not a folder, in a folder that exists or can be made, not replaced unless `overwrite`."""
+    """An output file: not a folder, in a folder that exists or can be made and takes new files,
+    not replaced unless `overwrite` (and then not read-only)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise GateSkipError(f"{path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise GateSkipError(f"{path} exists; pass --overwrite to replace it")
-    if not path.exists():
+    if path.exists():
+        check_replaceable(path)
+    else:
         _writable_parent(path)
     return path
+
+
+def plot_formats() -> list[str]:
+    """File suffixes matplotlib writes (without the dot)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_plot_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """A plot's output file, as it will be written: a name without a suffix gets .png (what
+    matplotlib would write, so that name is the one checked and reported), a suffix matplotlib
+    cannot write is refused; then as check_output_file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise GateSkipError(f"{path} is a folder; give a file name")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = plot_formats()
+    if path.suffix[1:].lower() not in formats:
+        raise GateSkipError(f"{path}: cannot write a plot as {path.suffix} files; use one of "
+                            + ", ".join(f".{f}" for f in formats))
+    return check_output_file(path, overwrite=overwrite)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

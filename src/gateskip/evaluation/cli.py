@@ -13,9 +13,11 @@ from ..calibrate import calibrate
 from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
 from ..model import add_gates, load_gates, remove_gates
+from ..validate import seed as seed_type
 from ..validate import check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer
 from .sweep import (DEFAULT_BATCH_SIZE, FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list,
                     run_sweep, sample_batch)
+from .tasks import check_task_folder
 
 DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
 
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
                         "generative tasks skip in decode steps too (kept in memory, not written to the gate file)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps (checked to exist here)")
-    p.add_argument("--seed", type=integer(0), default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.set_defaults(func=run)
 
 
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_dtype(getattr(torch, args.dtype), args.device)
     check_output_folder(args.out, writes=(RESULTS, TABLE, FIGURE), resumes=RESULTS)
+    if args.include_path:
+        check_task_folder(args.include_path)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     router = None
     if args.router:  # loaded first, then set aside: the model carries the gateskip gates

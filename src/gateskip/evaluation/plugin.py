@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import replace
 
 import torch
@@ -45,6 +46,24 @@ def _choice(value, what: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _usable_device(device: str | None) -> str:
+    """The device to run on: CUDA when there is one (the default), else the CPU. lm-eval's CLI asks for
+    cuda (cuda:0) unless told otherwise, so on a machine without a GPU a CUDA device falls back to the
+    CPU with a warning rather than failing; any other device this machine lacks is an error."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        return str(device)  # load_model names the problem
+    if kind == "cuda" and not torch.cuda.is_available():
+        log.warning("gateskip: device %s was asked for, but this machine has no CUDA device: running on the CPU "
+                    "(pass --device cpu to silence this)", device)
+        warnings.warn(f"no CUDA device for device={device}: gateskip runs on the CPU", stacklevel=3)
+        return "cpu"
+    return str(device)
+
+
 @register_model(MODEL_TYPE)
 class GateSkipLM(GatedLM):
     """`--model_args pretrained=SPEC,gates=PATH,budget=0.25,method=gateskip,execution=physical,dtype=float32`.
@@ -65,7 +84,7 @@ class GateSkipLM(GatedLM):
             budget = check_ratio(float(budget))
         except (TypeError, ValueError):
             raise GateSkipError(f"model_args budget={budget!r} is not a skip ratio in [0, 1]") from None
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _usable_device(device)
         model, tokenizer = load_model(str(pretrained), dtype=getattr(torch, _choice(dtype, "dtype", DTYPES)),
                                       device=device)
         if gates is not None:

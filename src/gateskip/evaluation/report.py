@@ -74,7 +74,6 @@ def plot(records: list[dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from ..files import save_figure
+
+    return save_figure(fig, path, dpi=120)

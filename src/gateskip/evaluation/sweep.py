@@ -142,12 +142,11 @@ def load_records(out: Path, settings: SweepSettings) -> list[dict]:
 
 def write_results(sweep: Sweep) -> None:
     """results.json (atomically), the markdown table and the plot."""
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    from ..files import write_json, write_text
+
     payload = {"version": SCHEMA_VERSION, "settings": asdict(sweep.settings), "records": sweep.records}
-    tmp = sweep.out / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, sweep.out / RESULTS)
-    (sweep.out / TABLE).write_text(markdown_table(sweep.records))
+    write_json(sweep.out / RESULTS, payload, indent=1)
+    write_text(sweep.out / TABLE, markdown_table(sweep.records))
     plot(sweep.records, sweep.out / FIGURE)
 
 

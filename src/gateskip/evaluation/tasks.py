@@ -70,16 +70,15 @@ def mmlu_subjects(data: Path) -> list[str]:
     return sorted(p.name for p in (data / MMLU_DIR).iterdir() if (p / "test").is_dir())
 
 
-def render_tasks(names: list[str], folder: str | os.PathLike) -> Path:
-    """Write concrete YAMLs for the bundled tasks among `names` into `folder` (an lm-eval
-    include path) and return it. Names without a bundled copy are left to lm-eval."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def rendered_tasks(names: list[str]) -> dict[str, str]:
+    """{file name: YAML text} of the bundled tasks among `names`, rendered against the installed data
+    (each data file checked to exist). Names without a bundled copy are left to lm-eval."""
     wanted = [n for n in names if n in BUNDLED_TASKS]
     if not wanted:
-        return folder
+        return {}
     data = data_root()
     templates = resources.files("gateskip") / "tasks"
+    files: dict[str, str] = {}
     for name in wanted:
         template = (templates / BUNDLED_TASKS[name]).read_text()
         if name == "mmlu":
@@ -87,15 +86,46 @@ def render_tasks(names: list[str], folder: str | os.PathLike) -> Path:
             for subject in subjects:
                 text = _render(template, data, subject)
                 _check_data_files(text, f"mmlu_{subject}")
-                (folder / f"mmlu_{subject}.yaml").write_text(text)
+                files[f"mmlu_{subject}.yaml"] = text
             group = ["group: mmlu", "task:"] + [f"  - mmlu_{s}" for s in subjects]
             group += ["aggregate_metric_list:", "  - metric: acc", "    weight_by_size: true", "metadata:", "  version: 1.0"]
-            (folder / "mmlu.yaml").write_text("\n".join(group) + "\n")
+            files["mmlu.yaml"] = "\n".join(group) + "\n"
         else:
             text = _render(template, data)
             _check_data_files(text, name)
-            (folder / BUNDLED_TASKS[name]).write_text(text)
+            files[BUNDLED_TASKS[name]] = text
+    return files
+
+
+def render_tasks(names: list[str], folder: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write concrete YAMLs for the bundled tasks among `names` into `folder` (an lm-eval
+    include path) and return it. Names without a bundled copy are left to lm-eval. Everything is
+    rendered and checked before the first file is written; each file is written whole
+    (files.write_text). Without `overwrite`, a file of the same name that holds something else is
+    refused before anything is written (one holding the same YAML is left as it is)."""
+    from ..files import write_text
+    from ..validate import check_replaceable
+
+    folder = Path(folder)
+    files = rendered_tasks(names)
+    differ = [name for name, text in files.items() if (folder / name).exists() and _read(folder / name) != text]
+    if differ and not overwrite:
+        raise GateSkipError(f"{folder / differ[0]} exists and holds something else; choose another folder or pass "
+                            "--overwrite to replace it")
+    for name in differ:
+        check_replaceable(folder / name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        if not (folder / name).exists() or name in differ:
+            write_text(folder / name, text)
     return folder
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _remove_rendered(folder: Path, before: set[Path] | None) -> None:
@@ -107,6 +137,73 @@ def _remove_rendered(folder: Path, before: set[Path] | None) -> None:
         path.unlink()
     if before is None:
         folder.rmdir()
+
+
+class _AnyTagLoader:
+    """A yaml SafeLoader that accepts lm-eval's tags (!function ...) as plain values."""
+
+    @staticmethod
+    def load(text: str):
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        def any_tag(loader, suffix, node):
+            if isinstance(node, yaml.ScalarNode):
+                return loader.construct_scalar(node)
+            return loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node)
+
+        Loader.add_multi_constructor("!", any_tag)
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _local_files(value) -> list[str]:
+    """The strings of a `data_files` value (a path, a list, or a split -> path(s) mapping)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for item in value for v in _local_files(item)]
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _local_files(item)]
+    return []
+
+
+def check_task_folder(folder: str | os.PathLike) -> None:
+    """The user's own task YAMLs (`--include-path`), checked before any model loads: each must be
+    valid YAML (lm-eval skips one that is not, and then reports its task as unknown), and the local
+    data files a task names (`dataset_kwargs.data_files`, or a local `dataset_path`) must exist
+    (else `datasets` fails with a traceback once the evaluation has started)."""
+    import yaml
+
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml")):
+        try:
+            config = _AnyTagLoader.load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise GateSkipError(f"task file {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise GateSkipError(f"cannot read task file {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise GateSkipError(f"task file {path} is not valid YAML: {what}{at}") from None
+        if not isinstance(config, dict):
+            continue
+        named = []
+        kwargs = config.get("dataset_kwargs")
+        if isinstance(kwargs, dict):
+            named += _local_files(kwargs.get("data_files"))
+        source = config.get("dataset_path")
+        if isinstance(source, str) and source.startswith(("/", "./", "../", "~")):
+            named.append(source)
+        for name in named:
+            if "://" in name or name.startswith("hf:") or any(c in name for c in "*?["):
+                continue
+            file = Path(name).expanduser()
+            if not file.exists():
+                raise GateSkipError(f"task file {path} names data that does not exist: {name}")
 
 
 def task_manager(names: list[str], source: str, folder: str | os.PathLike, include: str | os.PathLike | None = None):
@@ -122,7 +219,13 @@ def task_manager(names: list[str], source: str, folder: str | os.PathLike, inclu
     paths = [str(render_tasks(names, folder))] if source == "bundled" else []
     if include is not None:
         if not Path(include).is_dir():
+            _remove_rendered(folder, before)
             raise GateSkipError(f"task include folder {include} does not exist")
+        try:
+            check_task_folder(include)
+        except GateSkipError:
+            _remove_rendered(folder, before)
+            raise
         paths.append(str(include))
     index_log = logging.getLogger("lm_eval.tasks._index")
     level = index_log.level
@@ -152,6 +255,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, help="folder to write them into (default: the gateskip cache's tasks/)")
     p.add_argument("--tasks", default=",".join(BUNDLED_TASKS),
                    help=f"comma-separated bundled task names (default: all: {', '.join(BUNDLED_TASKS)})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that hold something else (the default folder is always rewritten)")
     p.set_defaults(func=run)
 
 
@@ -162,5 +267,7 @@ def run(args: argparse.Namespace) -> int:
     from ..validate import check_output_folder
 
     names = parse_list(args.tasks, "task", tuple(BUNDLED_TASKS))
-    print(render_tasks(names, check_output_folder(args.out or cache_root() / "tasks")))  # alone on stdout, for $(gateskip tasks)
+    folder = check_output_folder(args.out or cache_root() / "tasks")
+    # The default folder is gateskip's own cache: rewritten freely. An --out of the user's is not.
+    print(render_tasks(names, folder, overwrite=args.overwrite or args.out is None))  # alone on stdout, for $(gateskip tasks)
     return 0
