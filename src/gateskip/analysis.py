@@ -457,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .model import add_gates, load_gates
 
-    check_output_folder(args.out, writes=(SUMMARY, STATS), overwrite=args.overwrite)
+    check_output_folder(args.out, writes=(SUMMARY, STATS, *PLOTS.values()), overwrite=args.overwrite)
     model, tokenizer = load_model(args.model)
     fits_context(model, args.length, "--length")
     if args.gates:

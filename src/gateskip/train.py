@@ -48,6 +48,7 @@ from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .allocation import allocation_budget
 from .budget import AllocationBudget
 from .calibrate import calibrate, calibrate_allocation, ratio_key
+from .files import atomic_folder, write_json
 from .model import add_gates, is_gated, load_gates, remove_gates, save_gates
 from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
@@ -436,18 +437,18 @@ def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder:
         if accelerator.distributed_type == DistributedType.FSDP:  # the live module holds shards only
             trained, _, _ = build_model(dataclasses.replace(cfg, distill_weight=0.0))
             trained.load_state_dict(state)
-        folder.mkdir(parents=True, exist_ok=True)
         if samples is not None:
             _recalibrate(trained.get_base_model() if cfg.mode == "lora" else trained, samples)
-        if cfg.mode == "lora":  # the adapter in PEFT's format beside the gates; load_gates merges it
-            trained.save_pretrained(folder)
-            trained = trained.get_base_model()
-        save_gates(trained, folder)
-        if cfg.mode == "full":
-            backbone = {k: v for k, v in trained.state_dict().items() if not k.startswith("gate_bank.")}
-            trained.save_pretrained(folder, state_dict=backbone)
-            tokenizer.save_pretrained(folder)
-        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        with atomic_folder(folder) as written:  # complete beside `folder`, then moved in (config.json last)
+            if cfg.mode == "lora":  # the adapter in PEFT's format beside the gates; load_gates merges it
+                trained.save_pretrained(written)
+                trained = trained.get_base_model()
+            save_gates(trained, written)
+            if cfg.mode == "full":
+                backbone = {k: v for k, v in trained.state_dict().items() if not k.startswith("gate_bank.")}
+                trained.save_pretrained(written, state_dict=backbone)
+                tokenizer.save_pretrained(written)
+            (written / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     accelerator.wait_for_everyone()
     return folder
 
@@ -501,7 +502,7 @@ def train(cfg: TrainConfig) -> Path:
 
     start = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(out)) if cfg.resume else 0
     if accelerator.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_json(out / "train_config.json", dataclasses.asdict(cfg), indent=2)
     if trackers:
         accelerator.init_trackers("gateskip")
     log = MetricsLog(accelerator, out / "metrics.jsonl", start)
