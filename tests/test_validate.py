@@ -223,6 +223,11 @@ MISTAKES = [
     ("tasks --out is a file", "tasks --tasks arc_easy --out {a_file}", "is a file"),
     ("allocate --plot is a folder", "allocate {model} --gates {gates} --show --plot {gates}",
      "is a folder; give a file name"),
+    ("allocate --plot unsupported format", "allocate {model} --gates {gates} --show --plot {out}.xyz",
+     "cannot write a plot as .xyz files"),
+    ("bench --json onto a folder", "bench {model} --json {gates}", "is a folder; give a file name"),
+    ("generate --seed above 2^32", "generate {model} --gates {gates} --prompt hi --seed 18446744073709551617",
+     "--seed: must be at most 4294967295"),
     # text encodings, compression, JSON lines
     ("train --data binary", "train {model} --data {binary} --out {out} --seq-len 16",
      "is not UTF-8 text"),
@@ -299,7 +304,7 @@ def test_a_mistake_is_one_error_line_and_leaves_no_folder(name, template, says, 
     assert code == 2, err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]], err
     assert says in err and "Traceback" not in err
-    assert not out.exists() and not Path(f"{out}.txt").exists()
+    assert not out.exists() and not Path(f"{out}.txt").exists() and not Path(f"{out}.xyz").exists()
     assert {p: p.stat().st_mtime_ns for p in assets["model"].iterdir()} == before  # the source model untouched
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import GateSkipError
 from .config import GateConfig
 from .stats import SkipStats
 
@@ -107,6 +108,9 @@ class FlopReport:
 
 def flop_report(stats: SkipStats, dims: ModelDims, gate_config: GateConfig | None) -> FlopReport:
     """Turn counts recorded during forward passes into the two figures design.md asks for."""
+    if not isinstance(stats, SkipStats):
+        raise GateSkipError(f"flop_report: stats must be the gateskip.SkipStats a SkipPlan filled, got "
+                            f"{type(stats).__name__}")
     tokens, context = stats.tokens, stats.context
     per_token = dims.attn_skippable_per_token + dims.attn_kv_per_token + dims.mlp_per_token
     dense = dims.layers * (tokens * per_token + context * dims.attn_per_context)

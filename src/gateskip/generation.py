@@ -150,6 +150,11 @@ def generate(
     Budget None runs the gated model without skipping (gates applied).
     """
     check_prompt(model, input_ids)
+    mask = check_attention_mask(input_ids, attention_mask)
+    if mask is not None and not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise GateSkipError("generate runs HF generate, which continues each row after its last column: the prompts "
+                            "must be left-padded (tokenizer.padding_side = 'left'); gateskip.decoding.decode takes "
+                            "any padding")
     prefill, decode = SkipStats(), SkipStats()
     plan = SkipPlan(budget=decode_budget(model, budget), stats=prefill)
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])

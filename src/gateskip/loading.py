@@ -205,7 +205,10 @@ def resolve_spec(spec: str) -> str:
     Bundled names win over same-named folders in the working directory (use ./name for
     those). Bundled models are converted into the cache on first use.
     """
-    spec = spec.strip()
+    if not isinstance(spec, (str, os.PathLike)):
+        raise GateSkipError(f"a model spec is a bundled name, a local folder or a hub id (a string), got "
+                            f"{type(spec).__name__}")
+    spec = os.fspath(spec).strip()
     if not spec:
         raise _unknown_spec(spec)
     bundled = _canonical_bundled(spec)

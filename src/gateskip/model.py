@@ -112,6 +112,9 @@ def add_gates(model: PreTrainedModel, config: GateConfig | None = None) -> PreTr
     check_supported(model)
     if is_gated(model):
         raise GateSkipError("model already has gates")
+    if config is not None and not isinstance(config, GateConfig):
+        raise GateSkipError(f"add_gates: config must be a GateConfig (or None for the defaults), got "
+                            f"{type(config).__name__}")
     config = config or GateConfig()
     layers = decoder_layers(model)
     param = next(model.parameters())
@@ -197,11 +200,17 @@ def _bank_meta(model) -> dict:
 
 
 def _write_gate_file(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a gate file, refusing one that read_gate_file would refuse (so nothing is saved that
+    cannot be loaded back): its metadata checked as on reading, its weights finite."""
     try:
         text = json.dumps(meta, allow_nan=True)
     except (TypeError, ValueError) as e:
         raise GateSkipError(f"cannot save gates to {target}: thresholds or allocations hold a value that is "
                             f"not JSON ({e})") from None
+    _check_metadata(json.loads(text), f"cannot save gates to {target}")
+    diverged = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if diverged:
+        raise GateSkipError(f"cannot save gates to {target}: {diverged[0]} holds NaN or inf values")
     with atomic_path(target) as tmp:  # a reader never sees a half-written file
         save_file(tensors, str(tmp), metadata={"gateskip": text})
 
@@ -242,6 +251,8 @@ def update_gate_file(model: PreTrainedModel, path: str | os.PathLike, field: str
 
 
 def _existing_gate_file(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise GateSkipError(f"path must be a gate file or the folder holding {GATE_FILE}, got {type(path).__name__}")
     target = _gate_file(path)
     if Path(path).is_file() and target != Path(path):
         raise GateSkipError(f"{path} is not a gate file: give a .safetensors file or the folder holding {GATE_FILE}")
