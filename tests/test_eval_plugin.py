@@ -136,3 +136,15 @@ def test_lm_evals_own_cli_finds_the_plugin(assets, tmp_path):
     (written,) = out.rglob("results_*.json")
     report = json.loads(written.read_text())["config"]["gateskip"]
     assert report["execution"] == "masked" and 0.3 < report["skip_fraction"] < 0.6 and report["net_saving"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without a GPU")
+def test_cuda_asked_for_on_a_machine_without_one_runs_on_the_cpu_with_a_warning(assets):
+    """lm-eval's CLI asks for cuda:0 unless given --device: the README's line must still run here."""
+    from lm_eval.api.registry import get_model
+
+    with pytest.warns(UserWarning, match="no CUDA device for device=cuda:0"):
+        lm = get_model("gateskip")(pretrained=str(assets["base"]), gates=str(assets["gates"]), device="cuda:0")
+    assert next(lm.model.parameters()).device.type == "cpu"
+    with pytest.raises(GateSkipError, match="unknown device 'banana'"):
+        get_model("gateskip")(pretrained=str(assets["base"]), gates=str(assets["gates"]), device="banana")

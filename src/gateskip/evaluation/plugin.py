@@ -57,9 +57,8 @@ def _usable_device(device: str | None) -> str:
     except (RuntimeError, TypeError):
         return str(device)  # load_model names the problem
     if kind == "cuda" and not torch.cuda.is_available():
-        log.warning("gateskip: device %s was asked for, but this machine has no CUDA device: running on the CPU "
-                    "(pass --device cpu to silence this)", device)
-        warnings.warn(f"no CUDA device for device={device}: gateskip runs on the CPU", stacklevel=3)
+        warnings.warn(f"no CUDA device for device={device} on this machine: gateskip runs on the CPU (pass "
+                      "--device cpu to silence this)", stacklevel=3)
         return "cpu"
     return str(device)
 
