@@ -11,8 +11,9 @@ from . import allocation, analysis, baselines, bench, calibrate, demo, generatio
 from .evaluation import cli as evaluation
 from .evaluation import tasks
 from .errors import GateSkipError
+from .serving import server
 
-COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis, bench)
+COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis, bench, server)
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,10 +39,14 @@ def _remove_if_empty(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user mistake, which is printed as one `error:` line)."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "passes_through", False):  # only `serve` hands options on (to vLLM)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, or argparse's own one-line error (Parser.error)
         return int(e.code or 0)
+    args.extra = extra
     out = getattr(args, "out", None)
     new = Path(out).expanduser() if out and not Path(out).expanduser().exists() else None
     try:

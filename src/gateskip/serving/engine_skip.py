@@ -1,17 +1,21 @@
 """One gated engine's skipping state: its gates, its budget, the context of each step, its counts.
 
 Lives in vLLM's worker process beside the model. The counts accumulate over the engine's
-life (gateskip.stats) and leave the worker three ways: `LLM.apply_model` (report()), a log
-line every `log_interval` seconds, and the metrics file that `gateskip serve`'s /metrics
-reads (gateskip.serving.metrics).
+life (gateskip.stats) and leave the worker three ways: `collective_rpc("gateskip_report")`
+(report()), a log line every `log_interval` seconds, and the metrics file that `gateskip
+serve`'s /metrics reads (gateskip.serving.metrics). A daemon thread writes those two; it
+and the forward take turns through `lock`, so a report never reads counts mid-step and the
+last steps before the engine goes idle are published too.
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 import time
 
 import torch
+
+from vllm.logger import init_logger
 
 from ..flops import ModelDims, flop_report
 from ..plan import ForwardContext, SkipPlan
@@ -19,7 +23,7 @@ from ..stats import SkipStats
 from .metrics import write_report
 from .spec import EngineSpec, check_fits, engine_budget, load_bank
 
-log = logging.getLogger("gateskip.serving")
+log = init_logger("vllm.gateskip")  # under vLLM's logger: its handlers and format, in every process
 
 
 class EngineSkip:
@@ -31,8 +35,10 @@ class EngineSkip:
         self.plan = SkipPlan(budget=engine_budget(self.bank, spec.target), stats=self.stats)
         self.protect_first = not self.bank.config.skip_bos
         self.dims = ModelDims.from_config(hf_config)
-        self.last_report = time.monotonic()
-        self.writer = _is_first_rank()
+        self.lock = threading.Lock()
+        if spec.log_interval and _is_first_rank():
+            threading.Thread(target=self._publish_every, args=(spec.log_interval,), daemon=True,
+                             name="gateskip-metrics").start()
 
     def removes_attention(self, layer: int) -> bool:
         """Whether the target removes this attention module for every token it may skip."""
@@ -55,24 +61,25 @@ class EngineSkip:
         return ForwardContext(self.plan, self.bank, valid, seen, protect)
 
     def report(self) -> dict:
-        """Counts so far and what they come to (FLOPs of the decoder layers, gates included)."""
+        """(Under `lock` where a publishing thread runs.) Counts so far and what they come to (FLOPs of the decoder layers, gates included)."""
         flops = flop_report(self.stats, self.dims, self.bank.config)
         modules = {k: [c.seen, c.skipped] for k, c in self.stats.modules().items()}
         return {"target": self.spec.target, "tokens": flops.tokens, "skip_fraction": flops.paper_fraction,
                 "net_saving": flops.net_saving, "net_saving_with_head": flops.net_saving_with_head, "modules": modules}
 
-    def tick(self) -> None:
-        """After a step: log and publish the counts when `log_interval` seconds have passed."""
-        interval = self.spec.log_interval
-        if not interval or not self.writer or time.monotonic() - self.last_report < interval:
-            return
-        self.last_report = time.monotonic()
-        report = self.report()
-        log.info("gateskip: target %g: %d tokens, skipped %.1f%% of token x module evaluations, net FLOP saving "
-                 "%.1f%% of decoder layers (%.1f%% with the LM head)", report["target"], report["tokens"],
-                 100 * report["skip_fraction"], 100 * report["net_saving"], 100 * report["net_saving_with_head"])
-        if self.spec.metrics_file:
-            write_report(self.spec.metrics_file, report)
+    def _publish_every(self, interval: float) -> None:
+        published = -1
+        while True:
+            time.sleep(interval)
+            with self.lock:
+                if self.stats.forwards == published:
+                    continue
+                published, report = self.stats.forwards, self.report()
+            log.info("gateskip: target %g: %d tokens, skipped %.1f%% of token x module evaluations, net FLOP "
+                     "saving %.1f%% of decoder layers (%.1f%% with the LM head)", report["target"], report["tokens"],
+                     100 * report["skip_fraction"], 100 * report["net_saving"], 100 * report["net_saving_with_head"])
+            if self.spec.metrics_file:
+                write_report(self.spec.metrics_file, report)
 
 
 def _in_real_step() -> bool:

@@ -114,10 +114,10 @@ class GatedForCausalLM:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         inner = self.model
         h = inner.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        ctx = self.skip.context(positions)
-        for i, layer in enumerate(inner.layers):
-            h = gated_layer(layer, i, positions, h, ctx)
-        self.skip.tick()
+        with self.skip.lock:
+            ctx = self.skip.context(positions)
+            for i, layer in enumerate(inner.layers):
+                h = gated_layer(layer, i, positions, h, ctx)
         return inner.norm(h)
 
     def load_weights(self, weights):
@@ -132,7 +132,10 @@ class GatedForCausalLM:
 
     def gateskip_report(self) -> dict | None:
         """Counts and FLOP figures so far (None without gates): for `LLM.apply_model`."""
-        return None if self.skip is None else self.skip.report()
+        if self.skip is None:
+            return None
+        with self.skip.lock:
+            return self.skip.report()
 
 
 def check_layer(layer: nn.Module) -> None:

@@ -1,0 +1,97 @@
+"""gateskip.serving: gated models inside eager vLLM engines (fp32, CPU), against stock vLLM and
+gateskip's own decoder under the same thresholds.
+
+Tiny random Llama and Qwen2 models (head size 32, the CPU attention kernel's smallest) with
+unit gates and one allocation that removes an attention module, removes an MLP, leaves one
+whole and skips part of the others. Each engine takes ~15-20 s to start on 2 cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from vllm import LLM, SamplingParams
+
+from gateskip import GateConfig, add_gates, load_gates
+from gateskip.calibrate import calibrate_allocation
+from gateskip.decoding import decode
+from gateskip.serving import gated_llm, skip_report
+
+VOCAB, LAYERS, NEW = 101, 3, 12
+RATIOS = {"attn.0": 0.5, "mlp.0": 0.4, "attn.1": 1.0, "mlp.1": 0.0, "attn.2": 0.3, "mlp.2": 1.0}
+PROMPTS = [[5, 17, 33, 2, 9, 41, 77, 12, 64, 3, 28], [3, 8], [44, 45, 46, 47, 48, 11, 90]]
+ENGINE = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=256, seed=0)
+
+
+def build(folder, family: str) -> tuple[str, str]:
+    """A tiny random model saved twice: plain (base/) and with gates and an allocation (gated/)."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=LAYERS, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False)
+    cfg, cls = (LlamaConfig(**common), LlamaForCausalLM) if family == "llama" else (Qwen2Config(**common), Qwen2ForCausalLM)
+    model = cls(cfg).eval()
+    model.save_pretrained(folder / "base")
+    add_gates(model, GateConfig(kind="lowrank", rank=8, application="unit", skip_bos=False, init_std=0.3, init_bias=0.0))
+    allocations = {"0.3": {"ratios": dict(RATIOS), "saving": 0.3}}
+    ids = torch.randint(1, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
+    calibrate_allocation(model, (ids, torch.ones_like(ids)), allocations)
+    model.gate_bank.allocations = allocations
+    model.save_pretrained(folder / "gated")
+    return str(folder / "base"), str(folder / "gated")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    return build(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def tokens(llm: LLM, prompts: list[list[int]], new: int = NEW) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=new, detokenize=False, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def reference(folder: str, target: float, prompts: list[list[int]], new: int = NEW):
+    """gateskip's own decoder, one prompt at a time: tokens and per-module [seen, skipped]."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    load_gates(model, folder)
+    out, counts = [], {}
+    for p in prompts:
+        g = decode(model, torch.tensor([p]), budget=target, max_new_tokens=new)
+        out.append(g.sequences[0, len(p):].tolist())
+        for stats in (g.prefill, g.decode):
+            for key, c in stats.modules().items():
+                seen, skipped = counts.get(key, (0, 0))
+                counts[key] = (seen + c.seen, skipped + c.skipped)
+    return out, {k: list(v) for k, v in counts.items()}
+
+
+def test_target_0_gives_stock_vllm_tokens(tiny, monkeypatch):
+    base, gated = tiny
+    with monkeypatch.context() as env:
+        env.setenv("VLLM_PLUGINS", "none")  # the stock engine: without gateskip's plugin at all
+        stock_llm = LLM(base, enforce_eager=True, **ENGINE)
+        stock = tokens(stock_llm, PROMPTS)
+        del stock_llm
+    llm = gated_llm(gated, target=0.0, **ENGINE)
+    assert tokens(llm, PROMPTS) == stock
+    report = skip_report(llm)
+    assert report["skip_fraction"] == 0.0 and report["net_saving"] == 0.0  # unit gates at 0 evaluate no gate
+    assert report["tokens"] == sum(len(p) + NEW - 1 for p in PROMPTS)
+
+
+def test_engine_equals_gateskip_decoder_under_an_allocation(tiny):
+    _, gated = tiny
+    want, counts = reference(gated, 0.3, PROMPTS)
+    llm = gated_llm(gated, target=0.3, **ENGINE)
+    assert tokens(llm, PROMPTS) == want  # all three in one batch, prefill and decode mixed
+    report = skip_report(llm)
+    assert report["modules"] == counts  # the same decisions, token by token
+    assert report["modules"]["mlp.2"][1] == report["modules"]["mlp.2"][0] - len(PROMPTS)  # removed, first tokens kept
+    assert 0 < report["modules"]["attn.0"][1] < report["modules"]["attn.0"][0]
+    # The removed attention module (attn.1) has no KV cache at all.
+    assert llm.collective_rpc("gateskip_kv_cache_layers") == [LAYERS - 1]
+    # A request's tokens do not depend on its batch-mates: alone, and amid longer and shorter requests.
+    assert tokens(llm, [PROMPTS[0]]) == want[:1]
+    assert tokens(llm, [PROMPTS[2], [7] * 40, PROMPTS[0], [9, 9]])[0::2] == [want[2], want[0]]
