@@ -458,3 +458,28 @@ def test_only_the_needed_prefix_of_a_long_single_line_text_is_tokenized(tmp_path
     assert ids.shape == (2, 16) and time.perf_counter() - start < 5
     assert max(seen) < 10_000  # a prefix, not the 10 MB line
     assert ids.flatten().tolist() == tokenizer("to be or not to be " * 2, add_special_tokens=False)["input_ids"][:32]
+
+
+def test_sample_text_paragraphs_are_tokenized_only_as_far_as_the_cut(tmp_path):
+    from gateskip.calibrate import tokenize_samples
+    from gateskip.evaluation.sweep import sample_batch
+
+    path = tmp_path / "sample.txt"
+    path.write_text("one short paragraph.\n\n" + "a very long paragraph " * 400_000)
+    tokenizer = char_tokenizer()
+    seen = []
+    real = type(tokenizer).__call__
+
+    class Counting(type(tokenizer)):
+        def __call__(self, text, *args, **kwargs):
+            seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+            return real(self, text, *args, **kwargs)
+
+    tokenizer.__class__ = Counting
+    ids, mask = sample_batch(tokenizer, path, "cpu")
+    assert ids.shape[1] == 256 and max(seen) < 100_000
+    reference = real(tokenizer, ["one short paragraph.", "a very long paragraph " * 20], return_tensors="pt",
+                     padding=True, truncation=True, max_length=256)
+    assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
+    assert torch.equal(tokenize_samples(tokenizer, ["a very long paragraph " * 400_000], 16)[0],
+                       reference["input_ids"][1:, :16])

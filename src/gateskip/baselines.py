@@ -326,8 +326,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, writes=(PRUNED,), overwrite=args.overwrite)
     model, tokenizer = load_model(args.model)
     count = round(share * model.config.num_hidden_layers)
-    enc = tokenizer(sample_texts(args.sample_text), return_tensors="pt", padding=True, truncation=True, max_length=256)
-    removed = least_influential(model, (enc["input_ids"], enc["attention_mask"]), count)
+    from .textdata import encode_batch
+
+    removed = least_influential(model, encode_batch(tokenizer, sample_texts(args.sample_text), 256), count)
     remove_layers(model, removed)
     with atomic_folder(args.out) as folder:  # written whole beside --out, then moved in (config.json last)
         model.save_pretrained(folder)

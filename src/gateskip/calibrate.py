@@ -71,8 +71,9 @@ def tokenize_samples(tokenizer, texts: Sequence[str], max_length: int = 256) -> 
         raise GateSkipError("calibration needs some non-empty sample text")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    return enc["input_ids"], enc["attention_mask"]
+    from .textdata import encode_batch
+
+    return encode_batch(tokenizer, list(texts), max_length)
 
 
 @torch.no_grad()

@@ -195,20 +195,34 @@ _CHARS_PER_TOKEN = 8
 _CUT_MARGIN = 16
 
 
+def _prefix(tokenizer: PreTrainedTokenizerBase, text: str, limit: int) -> tuple[str, list[int]]:
+    """(a prefix of `text`, its token ids) holding the first `limit` tokens of the whole text: growing
+    prefixes are tokenized until one holds `limit` tokens and a margin (the whole text if it is short)."""
+    chars = (limit + _CUT_MARGIN) * _CHARS_PER_TOKEN
+    while chars < len(text):
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= limit + _CUT_MARGIN:
+            return text[:chars], ids
+        chars *= 4
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode_prefix(tokenizer: PreTrainedTokenizerBase, text: str, limit: int | None = None) -> list[int]:
     """Token ids of `text` (no special tokens); with `limit`, at least its first `limit` tokens (more
     may come), found by tokenizing growing prefixes of the text instead of all of it: a 10 MB line
     of which 32 tokens are used costs milliseconds, not half a minute and gigabytes."""
     if limit is None:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    chars = (limit + _CUT_MARGIN) * _CHARS_PER_TOKEN
-    while True:
-        if chars >= len(text):
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= limit + _CUT_MARGIN:
-            return ids[:limit]
-        chars *= 4
+    return _prefix(tokenizer, text, limit)[1][:limit]
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of texts padded and cut to max_length tokens, as
+    `tokenizer(texts, padding=True, truncation=True, max_length=...)` gives them, but tokenizing only
+    the prefix of each text that the cut keeps."""
+    cut = [_prefix(tokenizer, t, max_length)[0] for t in texts]
+    enc = tokenizer(cut, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def pack(token_docs: list[tuple[list[int], list[int]]], seq_len: int) -> Blocks:

@@ -118,8 +118,10 @@ def sample_texts(path: str | os.PathLike | None = None, count: int = 32) -> list
 def sample_batch(tokenizer, path: str | os.PathLike | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of the sample text (sample_texts) that ShortGPT ranks layers on and CALM and
     --calibrate set thresholds on."""
-    enc = tokenizer(sample_texts(path), return_tensors="pt", padding=True, truncation=True, max_length=256)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    from ..textdata import encode_batch
+
+    ids, mask = encode_batch(tokenizer, sample_texts(path), 256)
+    return ids.to(device), mask.to(device)
 
 
 def load_records(out: Path, settings: SweepSettings) -> list[dict]:
