@@ -41,6 +41,14 @@ def build(folder, family: str) -> tuple[str, str]:
     return str(folder / "base"), str(folder / "gated")
 
 
+@pytest.fixture(autouse=True)
+def small_engines(monkeypatch):
+    """Engines in this process (no engine-core process to spawn: a faster start) with a 1 GiB KV cache.
+    tests/test_serve.py runs the multi-process server."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny(request, tmp_path_factory):
     return build(tmp_path_factory.mktemp(request.param), request.param)
@@ -95,3 +103,22 @@ def test_engine_equals_gateskip_decoder_under_an_allocation(tiny):
     # A request's tokens do not depend on its batch-mates: alone, and amid longer and shorter requests.
     assert tokens(llm, [PROMPTS[0]]) == want[:1]
     assert tokens(llm, [PROMPTS[2], [7] * 40, PROMPTS[0], [9, 9]])[0::2] == [want[2], want[0]]
+
+
+@pytest.mark.slow
+def test_the_bundled_model_at_target_0_gives_stock_vllm_tokens(monkeypatch):
+    from pathlib import Path
+
+    from gateskip.loading import resolve_spec
+
+    gates = Path(__file__).resolve().parent.parent / "gates" / "smollm2-135m-unit"
+    prompts = ["The capital of France is", "Question: What do plants need to make food?\nAnswer:", "def add(a, b):"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = dict(dtype="float32", max_model_len=256, seed=0)
+    with monkeypatch.context() as env:
+        env.setenv("VLLM_PLUGINS", "none")
+        stock_llm = LLM(resolve_spec("smollm2-135m"), enforce_eager=True, **engine)
+        stock = [o.outputs[0].token_ids for o in stock_llm.generate(prompts, params, use_tqdm=False)]
+        del stock_llm
+    llm = gated_llm("smollm2-135m", gates, 0.0, **engine)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == stock
