@@ -483,3 +483,28 @@ def test_sample_text_paragraphs_are_tokenized_only_as_far_as_the_cut(tmp_path):
     assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
     assert torch.equal(tokenize_samples(tokenizer, ["a very long paragraph " * 400_000], 16)[0],
                        reference["input_ids"][1:, :16])
+
+
+def test_a_task_including_a_missing_yaml_is_named_and_a_good_folder_passes(tmp_path):
+    from gateskip.evaluation.tasks import check_task_folder
+
+    (tmp_path / "items.jsonl").write_text('{"q": 1}\n')
+    (tmp_path / "base.yaml").write_text("output_type: multiple_choice\n")
+    (tmp_path / "good.yaml").write_text(f"include: base.yaml\ntask: good\ndataset_path: json\n"
+                                        f"dataset_kwargs:\n  data_files: {tmp_path / 'items.jsonl'}\n"
+                                        "doc_to_text: !function utils.doc_to_text\n")
+    check_task_folder(tmp_path)
+    (tmp_path / "bad.yaml").write_text("include: nowhere.yaml\ntask: bad\n")
+    with pytest.raises(GateSkipError, match="bad.yaml includes nowhere.yaml, which does not exist"):
+        check_task_folder(tmp_path)
+
+
+def test_resuming_into_files_that_cannot_be_replaced_is_refused_before_work(tmp_path):
+    from gateskip.validate import check_output_folder
+
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "results.md").write_text("table")
+    check_output_folder(tmp_path, writes=("results.json", "results.md"), resumes="results.json")
+    with immutable(tmp_path / "results.md"):
+        with pytest.raises(GateSkipError, match="results.md is not writable"):
+            check_output_folder(tmp_path, writes=("results.json", "results.md"), resumes="results.json")

@@ -132,6 +132,7 @@ class AllocationBudget:
     thresholds: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
+        check_ratio(self.target)
         if not isinstance(self.ratios, Mapping):
             raise GateSkipError(f"AllocationBudget ratios must map module keys to skip ratios, got "
                                 f"{type(self.ratios).__name__}")

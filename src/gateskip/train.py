@@ -48,7 +48,7 @@ from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
 from .allocation import allocation_budget
 from .budget import AllocationBudget
 from .calibrate import calibrate, calibrate_allocation, ratio_key
-from .files import atomic_folder, write_json
+from .files import atomic_folder, write_json, write_text
 from .model import add_gates, is_gated, load_gates, remove_gates, save_gates
 from .plan import GateTrace, SkipPlan
 from .textdata import BUNDLED, Blocks, build_blocks
@@ -220,7 +220,7 @@ class MetricsLog:
             kept = []
             if resume_step > 0 and path.is_file():  # drop what the interrupted run logged after its checkpoint
                 kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))  # whole: a kill here keeps the old log
 
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:

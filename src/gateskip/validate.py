@@ -225,6 +225,9 @@ def check_output_folder(path: str | os.PathLike, *, writes: Iterable[str] = (), 
     if not os.access(path, os.W_OK | os.X_OK):
         raise GateSkipError(f"output folder {path} is not writable")
     _probe(path, path)
+    for name in writes:  # files the command will replace (resumed or overwritten): not read-only or immutable
+        if (path / name).is_file() and (overwrite or (resumes is not None and (path / resumes).exists())):
+            check_replaceable(path / name)
     if resumes is not None and (path / resumes).exists():
         return path
     if not overwrite:
@@ -236,9 +239,6 @@ def check_output_folder(path: str | os.PathLike, *, writes: Iterable[str] = (), 
         if done:
             raise GateSkipError(f"{path} already holds {done[0]} from an earlier run; choose another folder"
                                 + (" or pass --overwrite to replace it" if resumes is None else ""))
-    for name in writes:
-        if (path / name).is_file():
-            check_replaceable(path / name)
     return path
 
 

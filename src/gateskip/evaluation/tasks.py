@@ -198,6 +198,10 @@ def check_task_folder(folder: str | os.PathLike) -> None:
         source = config.get("dataset_path")
         if isinstance(source, str) and source.startswith(("/", "./", "../", "~")):
             named.append(source)
+        included = config.get("include")
+        if isinstance(included, str) and not any(p.is_file() for p in (Path(included).expanduser(), path.parent / included)):
+            # lm-eval reads the name as given, else beside the file
+            raise GateSkipError(f"task file {path} includes {included}, which does not exist")
         for name in named:
             if "://" in name or name.startswith("hf:") or any(c in name for c in "*?["):
                 continue
