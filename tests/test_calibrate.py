@@ -85,3 +85,25 @@ def test_bad_requests_give_clear_errors():
     with pytest.raises(GateSkipError, match="at least one sample token"):
         calibrate(model, (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)), [0.25])
     assert ratio_key(0.5) == "0.5" and ratio_key(0.25) == "0.25"
+
+
+def test_a_tie_at_the_quantile_puts_the_threshold_between_distinct_values():
+    """At the first layer a token's importance depends on its id alone, so repeated tokens tie exactly.
+    A threshold on the tied value would leave those tokens on the boundary, where round-off (another
+    batch size) flips them (issue 26: a batch decoded other tokens than its rows alone)."""
+    from gateskip.gates import importance
+    from gateskip.plan import GateTrace
+
+    model = gated_tiny("llama")
+    ids = torch.tensor([[5, 7, 9] * 4])  # 12 tokens, three importances at attn.0, four of each
+    trace = GateTrace()
+    with torch.no_grad():
+        model(ids, skip_plan=SkipPlan(trace=trace))
+    values = torch.unique(importance(trace.entries[0][1])[0].double()).tolist()  # sorted, distinct
+    assert trace.entries[0][0] == "attn.0" and len(values) == 3
+    threshold = calibrate(model, ids, [0.5])["0.5"]["attn.0"]  # the 6th and 7th lowest tie (the middle value)
+    assert values[0] < threshold < values[1] and values[1] - threshold > 1e-4 * (values[1] - values[0])
+    stats = SkipStats()
+    with torch.no_grad():
+        model(ids, skip_plan=SkipPlan(budget=threshold_budget(model, 0.5), stats=stats))
+    assert stats.modules()["attn.0"].skipped == 4  # as a threshold on the tied value: the tied tokens are kept

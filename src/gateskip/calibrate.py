@@ -52,7 +52,11 @@ def _quantile_threshold(imp: torch.Tensor, valid: torch.Tensor, protect: torch.T
     """A threshold below which floor(ratio * valid tokens) of the skippable tokens fall.
 
     Midway between the last skipped and the first kept importance, so unseen text on
-    either side of the boundary is treated evenly.
+    either side of the boundary is treated evenly. Where the two are equal (a tie: at the first
+    layer a token's importance depends on its id alone, so repeated tokens tie exactly), midway
+    between the tied value and the next lower one: the tied tokens are kept, as a threshold at the
+    tied value keeps them, but no token sits on the boundary, where float round-off (a batch of
+    another size) would flip its decision.
     """
     skippable = valid if protect is None else valid & ~protect
     values = imp[skippable].double().sort().values
@@ -61,7 +65,13 @@ def _quantile_threshold(imp: torch.Tensor, valid: torch.Tensor, protect: torch.T
         return -math.inf
     if k == values.numel():
         return math.inf
-    return float((values[k - 1] + values[k]) / 2)
+    low, high = values[k - 1], values[k]
+    if low == high:
+        below = values[values < high]
+        if below.numel() == 0:  # every skippable token ties: none skips, as at the tied value
+            return float(high) - 1e-4 * max(abs(float(high)), 1e-3)
+        low = below[-1]
+    return float((low + high) / 2)
 
 
 def tokenize_samples(tokenizer, texts: Sequence[str], max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
