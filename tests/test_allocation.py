@@ -1,9 +1,11 @@
 """Unit gates and allocations: one net-saving target split into per-module skip ratios."""
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import padded_batch, tiny_model
 from test_model import logits, scramble_gates
@@ -12,7 +14,7 @@ from gateskip.allocation import (allocation_budget, choose, kl_to_base, layer_re
                                  refine, sample_costs, search, store)
 from gateskip.baselines import least_influential
 from gateskip.calibrate import calibrate_allocation
-from gateskip.model import load_gates, save_gates
+from gateskip.model import load_gates, read_gate_file, save_gates
 from gateskip.plan import GateTrace
 
 UNIT = GateConfig(kind="lowrank", rank=8, application="unit")
@@ -235,7 +237,13 @@ def test_a_missing_allocation_and_one_for_another_model_are_clear_errors(tmp_pat
     with pytest.raises(GateSkipError, match="no allocation stored for a net saving of 0.15"):
         allocation_budget(model, 0.15)
     model.gate_bank.allocations = {"0.1": {"ratios": {"mlp.7": 1.0}, "saving": 0.1, "kl": 0.0}}
+    with pytest.raises(GateSkipError, match="mlp.7, which these gates do not have"):
+        save_gates(model, tmp_path)  # never written: the loader would refuse it
+    model.gate_bank.allocations = {}
     save_gates(model, tmp_path)
+    meta, tensors = read_gate_file(tmp_path)  # the same allocation in a file made elsewhere
+    meta["allocations"] = {"0.1": {"ratios": {"mlp.7": 1.0}, "saving": 0.1, "kl": 0.0}}
+    save_file(tensors, str(tmp_path / "gateskip.safetensors"), metadata={"gateskip": json.dumps(meta)})
     with pytest.raises(GateSkipError, match="mlp.7, which these gates do not have"):
         load_gates(add_gates(tiny_model()), tmp_path)
 

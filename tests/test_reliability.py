@@ -508,3 +508,13 @@ def test_resuming_into_files_that_cannot_be_replaced_is_refused_before_work(tmp_
     with immutable(tmp_path / "results.md"):
         with pytest.raises(GateSkipError, match="results.md is not writable"):
             check_output_folder(tmp_path, writes=("results.json", "results.md"), resumes="results.json")
+
+
+def test_a_budget_naming_modules_the_gates_do_not_have_is_refused():
+    model = add_gates(tiny_model(), GateConfig(kind="scalar"))  # 3 layers: attn.0 .. mlp.2
+    ids = torch.randint(1, 101, (1, 6))
+    with pytest.raises(GateSkipError, match="the budget names module attn.9"):
+        model(ids, skip_plan=SkipPlan(budget=AllocationBudget({"attn.9": 1.0, "mlp.0": 0.5}, 0.1)))
+    thresholds = {f"{b}.{i}": 0.5 for i in range(4) for b in ("attn", "mlp")}  # made for a 4-layer model
+    with pytest.raises(GateSkipError, match="the budget names module attn.3"):
+        model(ids, skip_plan=SkipPlan(budget=ThresholdBudget(thresholds, 0.5)))

@@ -109,6 +109,18 @@ def unit_factor(g: torch.Tensor) -> torch.Tensor | None:
     return (1 + (imp - imp.detach()) / imp.detach().clamp_min(torch.finfo(imp.dtype).tiny)).to(g.dtype)
 
 
+def _check_budget_modules(budget, bank: GateBank) -> None:
+    """A budget whose per-module tables name modules these gates do not have was made for another
+    model (or another gate layout): refused rather than applied where its names happen to match."""
+    tables = [getattr(budget, name, None) for name in ("thresholds", "ratios")]
+    named = {k for t in tables if t is not None for k in t}
+    if named:
+        unknown = named - set(bank.module_keys())
+        if unknown:
+            raise GateSkipError(f"the budget names module {sorted(unknown)[0]}, which this model's gates do not have "
+                                "(thresholds or an allocation made for another model?)")
+
+
 @dataclass
 class ForwardContext:
     """One forward call's view of the plan: which tokens are real, how much context each sees."""
@@ -153,6 +165,8 @@ class ForwardContext:
             protect = positions[None, :] == first[:, None]
         if plan.stats is not None:
             plan.stats.record_forward(valid, context)
+        if bank is not None and plan.budget is not None:
+            _check_budget_modules(plan.budget, bank)
         counts = None
         if plan.budget is not None and plan.budget.known_ahead:
             if attention_mask is None:  # every token real: the counts need no look at the device
