@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .adapters import check_adapter, merge_adapter
 from .config import GateConfig
@@ -211,8 +211,9 @@ def _write_gate_file(target: Path, tensors: dict[str, torch.Tensor], meta: dict)
     diverged = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if diverged:
         raise GateSkipError(f"cannot save gates to {target}: {diverged[0]} holds NaN or inf values")
+    data = save(tensors, metadata={"gateskip": text})  # bytes: the one write below is ours (no temp file of safetensors')
     with atomic_path(target) as tmp:  # a reader never sees a half-written file
-        save_file(tensors, str(tmp), metadata={"gateskip": text})
+        tmp.write_bytes(data)
 
 
 def update_gate_file(model: PreTrainedModel, path: str | os.PathLike, field: str, entries: dict,
