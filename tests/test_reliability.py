@@ -518,3 +518,21 @@ def test_a_budget_naming_modules_the_gates_do_not_have_is_refused():
     thresholds = {f"{b}.{i}": 0.5 for i in range(4) for b in ("attn", "mlp")}  # made for a 4-layer model
     with pytest.raises(GateSkipError, match="the budget names module attn.3"):
         model(ids, skip_plan=SkipPlan(budget=ThresholdBudget(thresholds, 0.5)))
+
+
+def test_calibrate_on_a_full_disk_keeps_the_gate_file_and_leaves_no_temporary_file(assets, tmp_path, capsys,
+                                                                                    monkeypatch):
+    gates = gate_copy(assets, tmp_path, 0o644)
+    before = (gates / "gateskip.safetensors").read_bytes()
+    real = Path.write_bytes
+
+    def full_disk(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    code, _, err = run(calibrate_args(assets, gates, "0.5"), capsys)
+    one_error(code, err, "could not write")
+    assert "No space left on device" in err
+    assert (gates / "gateskip.safetensors").read_bytes() == before and sorted(p.name for p in gates.iterdir()) == [
+        "gateskip.safetensors"]
