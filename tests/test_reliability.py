@@ -493,6 +493,9 @@ def test_a_task_including_a_missing_yaml_is_named_and_a_good_folder_passes(tmp_p
     (tmp_path / "good.yaml").write_text(f"include: base.yaml\ntask: good\ndataset_path: json\n"
                                         f"dataset_kwargs:\n  data_files: {tmp_path / 'items.jsonl'}\n"
                                         "doc_to_text: !function utils.doc_to_text\n")
+    with pytest.raises(GateSkipError, match="names !function utils.doc_to_text, but .*utils.py does not exist"):
+        check_task_folder(tmp_path)
+    (tmp_path / "utils.py").write_text("def doc_to_text(doc):\n    return doc['q']\n")
     check_task_folder(tmp_path)
     (tmp_path / "bad.yaml").write_text("include: nowhere.yaml\ntask: bad\n")
     with pytest.raises(GateSkipError, match="bad.yaml includes nowhere.yaml, which does not exist"):

@@ -139,8 +139,12 @@ def _remove_rendered(folder: Path, before: set[Path] | None) -> None:
         folder.rmdir()
 
 
+class _Function(str):
+    """The value of an lm-eval `!function module.name` tag."""
+
+
 class _AnyTagLoader:
-    """A yaml SafeLoader that accepts lm-eval's tags (!function ...) as plain values."""
+    """A yaml SafeLoader that accepts lm-eval's tags as plain values (`!function` ones as _Function)."""
 
     @staticmethod
     def load(text: str):
@@ -151,7 +155,8 @@ class _AnyTagLoader:
 
         def any_tag(loader, suffix, node):
             if isinstance(node, yaml.ScalarNode):
-                return loader.construct_scalar(node)
+                value = loader.construct_scalar(node)
+                return _Function(value) if suffix == "function" else value
             return loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node)
 
         Loader.add_multi_constructor("!", any_tag)
@@ -198,6 +203,11 @@ def check_task_folder(folder: str | os.PathLike) -> None:
         source = config.get("dataset_path")
         if isinstance(source, str) and source.startswith(("/", "./", "../", "~")):
             named.append(source)
+        for value in config.values():  # `!function utils.doc_to_text` reads utils.py beside the file
+            if isinstance(value, _Function) and "." in value:
+                module = path.parent / (value.rsplit(".", 1)[0].replace(".", "/") + ".py")
+                if not module.is_file():
+                    raise GateSkipError(f"task file {path} names !function {value}, but {module} does not exist")
         included = config.get("include")
         if isinstance(included, str) and not any(p.is_file() for p in (Path(included).expanduser(), path.parent / included)):
             # lm-eval reads the name as given, else beside the file
