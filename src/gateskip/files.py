@@ -42,10 +42,23 @@ except ImportError:  # pragma: no cover
 LAST = ("config.json", "gateskip.safetensors", "adapter_config.json")
 
 
-def _umask_mode(full: int) -> int:
-    umask = os.umask(0)
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only be read by
+    setting it, which for a moment would give files other threads create a umask of 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)
     os.umask(umask)
-    return full & ~umask
+    return umask
+
+
+def _umask_mode(full: int) -> int:
+    return full & ~_umask()
 
 
 def _mode_for(target: Path, folder: bool = False) -> int:
