@@ -3,20 +3,24 @@
     python benchmarks/bench_vllm.py [--targets 0.05,0.1,...] [--rounds 2] [--out FILE.json]
 
 Workloads: greedy generation of --new-tokens tokens per row at batch 1, 8 and 32 (every row
-generates all of them: no stop token), and prefill of 8 x 512 tokens (one new token). Every
-engine is built first (eager, fp32, prefix caching off so that later rounds recompute
-everything) and every candidate runs every workload once untimed; then each round times every workload on every candidate in turn, and the median
-over rounds is kept. Prints tokens/s, the ratio to stock vLLM, and for gated rows the net
+generates all of them: no stop token), and prefill of 8 x 512 tokens (one new token). Each
+candidate runs in turn: its engine is built (eager, fp32, prefix caching off so that later
+rounds recompute everything; one engine in memory at a time), it runs every workload once
+untimed, then --rounds timed rounds, and the median is kept. Stock vLLM runs first and again
+last: the gap between the two is the drift of the machine over the run. Prints tokens/s, the ratio to stock vLLM, and for gated rows the net
 FLOP saving and the ratio of the speedup to the ideal 1 / (1 - net saving).
 
-The net saving of a gated row is what gateskip's decoder measures on the same prompts under
-the same thresholds: the engine makes the same decisions (tests/test_serving.py, test_serve.py).
+The net saving of a gated vLLM row is what the engine computes (serving.engine_skip.engine_flops:
+partly skipped attention saves only o_proj there), from gateskip's decoder's counts on the same
+prompts under the same thresholds: the engine makes the same decisions (tests/test_serving.py,
+test_serve.py). A decoder row's is the decoder's own (q, o and scores saved).
 Run it alone on the machine: every figure is wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -27,10 +31,12 @@ import torch
 
 from gateskip import load_model
 from gateskip.decoding import decode
-from gateskip.generation import reports
+from gateskip.flops import ModelDims
+from gateskip.generation import combine, reports
 from gateskip.loading import resolve_spec
 from gateskip.model import load_gates
 from gateskip.serving import gated_llm
+from gateskip.serving.engine_skip import engine_flops
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden press adapted from those used for wine. ")
@@ -66,60 +72,76 @@ def main() -> None:
 
     engine = dict(dtype="float32", max_model_len=1024, enable_prefix_caching=False, seed=0, max_num_seqs=64)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engines = {}
-    os.environ["VLLM_PLUGINS"] = "none"  # the stock engine's processes load no gateskip code at all
     from vllm import LLM, SamplingParams
 
-    engines["stock vLLM"] = LLM(resolve_spec(args.model), enforce_eager=True, **engine)
-    del os.environ["VLLM_PLUGINS"]
+    def stock_engine():
+        os.environ["VLLM_PLUGINS"] = "none"  # the stock engine's processes load no gateskip code at all
+        try:
+            return LLM(resolve_spec(args.model), enforce_eager=True, **engine)
+        finally:
+            del os.environ["VLLM_PLUGINS"]
+
+    def on_engine(make):
+        """A candidate that builds its engine when its turn comes (one engine in memory at a time)."""
+        def run(llm, ids, new):
+            sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, detokenize=False)
+            llm.generate([{"prompt_token_ids": r} for r in ids.tolist()], sp, use_tqdm=False)
+        return make, run
+
+    candidates = {"stock vLLM": on_engine(stock_engine)}
     for t in [0.0] + targets:
-        engines[f"vLLM gated {t:g}"] = gated_llm(args.model, args.gates, t, **engine)
-
-    def run_vllm(llm, ids, new):
-        sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, detokenize=False)
-        llm.generate([{"prompt_token_ids": r} for r in ids.tolist()], sp, use_tqdm=False)
-
+        candidates[f"vLLM gated {t:g}"] = on_engine(lambda t=t: gated_llm(args.model, args.gates, t, **engine))
     pad = tok.pad_token_id
-    candidates = {name: (lambda ids, new, llm=llm: run_vllm(llm, ids, new)) for name, llm in engines.items()}
-    candidates["HF generate"] = lambda ids, new: model.generate(
+    candidates["HF generate"] = (lambda: model, lambda m, ids, new: m.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-        temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        temperature=None, top_p=None, top_k=None, pad_token_id=pad))
     for t in [0.0] + targets:
-        candidates[f"gateskip decoder {t:g}"] = lambda ids, new, t=t: decode(model, ids, budget=t, max_new_tokens=new)
+        candidates[f"gateskip decoder {t:g}"] = (lambda: model, lambda m, ids, new, t=t: decode(m, ids, budget=t,
+                                                                                              max_new_tokens=new))
+    candidates["stock vLLM (again)"] = on_engine(stock_engine)  # drift over the run shows as its gap to the first
 
-    saving = {}
+    # The engine's net saving (what it computes: serving.engine_skip.engine_flops) from gateskip's decoder's
+    # counts on the same prompts, which equal the engine's (tests/test_serving.py, tests/test_serve.py).
+    dims, saving = ModelDims.from_config(model.config), {}
     for w, (ids, new) in work.items():
         for t in targets:
             g = decode(model, ids, budget=t, max_new_tokens=new)
-            r = reports(model, g.prefill, g.decode)
-            saving[(w, t)] = r["generation"].net_saving  # prompt and generated tokens: the engine's work
+            alloc = model.gate_bank.allocations[f"{t:g}"]["ratios"]
+            kv_less = {i for i in range(dims.layers) if alloc.get(f"attn.{i}") == 1.0}
+            parts = [engine_flops(s, dims, model.gate_bank.config, kv_less) for s in (g.prefill, g.decode)]
+            decoder = reports(model, g.prefill, g.decode)["generation"]
+            saving[(w, t)] = (combine(*parts).net_saving, decoder.net_saving)
 
-    for name, fn in candidates.items():  # warm-up, not timed: first calls allocate and load kernels
-        for ids, new in work.values():
-            with torch.inference_mode():
-                fn(ids, min(new, 2))
     times: dict[tuple[str, str], list[float]] = {}
-    for r in range(args.rounds):
-        for w, (ids, new) in work.items():
-            for name, fn in candidates.items():
+    for name, (make, fn) in candidates.items():
+        target = make()
+        for ids, new in work.values():  # warm-up, not timed: first calls allocate and load kernels
+            with torch.inference_mode():
+                fn(target, ids, min(new, 2))
+        for r in range(args.rounds):
+            for w, (ids, new) in work.items():
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    fn(ids, new)
+                    fn(target, ids, new)
                 times.setdefault((w, name), []).append(time.perf_counter() - start)
-                print(f"round {r + 1} {w:>16} {name:<22} {times[(w, name)][-1]:7.2f} s", flush=True)
+                print(f"{name:<22} {w:>16} round {r + 1}: {times[(w, name)][-1]:7.2f} s", flush=True)
+        if target is not model:
+            del target
+            gc.collect()
 
     rows = []
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, median of {args.rounds} rounds")
     for w, (ids, new) in work.items():
         n_tokens = ids.numel() if new == 1 else ids.shape[0] * new
-        stock = statistics.median(times[(w, "stock vLLM")])
+        stock = statistics.median(times[(w, "stock vLLM")] + times[(w, "stock vLLM (again)")])
         print(f"\n{w}: {n_tokens} tokens ({'prompt' if new == 1 else 'generated'})")
         print(f"{'candidate':<22} {'tok/s':>8} {'vs stock':>9} {'net saving':>11} {'ideal':>6} {'of ideal':>9}")
         for name in candidates:
             sec = statistics.median(times[(w, name)])
             t = float(name.rsplit(" ", 1)[1]) if "gated" in name or "decoder" in name else None
-            s = saving.get((w, t)) if t else (0.0 if t == 0.0 else None)
+            engine_s, decoder_s = saving.get((w, t), (None, None))
+            s = engine_s if "vLLM" in name else decoder_s
             row = {"workload": w, "candidate": name, "seconds": sec, "tokens_per_s": n_tokens / sec,
                    "vs_stock": stock / sec, "net_saving": s}
             line = f"{name:<22} {n_tokens / sec:8.1f} {stock / sec:8.2f}x"

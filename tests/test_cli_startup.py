@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("lm_eval", "torchao", "peft", "transformers.modeling_utils")
+HEAVY = ("lm_eval", "torchao", "peft", "transformers.modeling_utils", "vllm")
 TORCHAO_NOISE = ("Failed to load", "is an Enum subclass")
 
 

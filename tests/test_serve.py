@@ -4,6 +4,7 @@ tokens, and its /metrics carries the same skip counts."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,7 +22,10 @@ from conftest import tiny_model
 from gateskip import GateConfig, add_gates, load_model, save_gates
 from gateskip.cli import main
 from gateskip.decoding import decode
+from gateskip.flops import ModelDims
+from gateskip.generation import combine
 from gateskip.model import load_gates
+from gateskip.serving.engine_skip import engine_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 GATES = ROOT / "gates" / "smollm2-135m-unit"
@@ -129,11 +133,14 @@ def test_the_server_answers_with_the_decoders_tokens_and_counts(tmp_path):
 
     model, _ = load_model("smollm2-135m")
     load_gates(model, GATES)
-    counts: dict[str, list[int]] = {}
+    ratios = model.gate_bank.allocations[f"{target:g}"]["ratios"]
+    kv_less = {i for i in range(30) if ratios.get(f"attn.{i}") == 1.0}
+    dims, counts, flops = ModelDims.from_config(model.config), {}, []
     for prompt, answer in served:
         g = decode(model, torch.tensor([prompt]), budget=target, max_new_tokens=len(answer))
         assert g.sequences[0, len(prompt):].tolist() == answer
         for stats in (g.prefill, g.decode):
+            flops.append(engine_flops(stats, dims, model.gate_bank.config, kv_less))
             for key, c in stats.modules().items():
                 counts.setdefault(key, [0, 0])
                 counts[key][0] += c.seen
@@ -142,4 +149,4 @@ def test_the_server_answers_with_the_decoders_tokens_and_counts(tmp_path):
     assert seen["gateskip_tokens_total"] == sum(len(p) + len(a) - 1 for p, a in served)
     for key, (n, skipped) in counts.items():
         assert seen[f'gateskip_module_skip_fraction{{module="{key}"}}'] == pytest.approx(skipped / n, abs=1e-12), key
-    assert 0.1 < seen["gateskip_net_flop_saving"] < 0.25
+    assert seen["gateskip_net_flop_saving"] == pytest.approx(functools.reduce(combine, flops).net_saving, rel=1e-9)

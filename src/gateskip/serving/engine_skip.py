@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
 from vllm.logger import init_logger
 
-from ..flops import ModelDims, flop_report
+from ..config import GateConfig
+from ..flops import FlopReport, ModelDims, flop_report
 from ..plan import ForwardContext, SkipPlan
 from ..stats import SkipStats
 from .metrics import write_report
@@ -45,6 +47,9 @@ class EngineSkip:
         key = f"attn.{layer}"
         return self.bank.get("attn", layer) is not None and self.plan.budget.fixed(key) is False
 
+    def kv_less(self) -> set[int]:
+        return {i for i in range(self.bank.num_layers) if self.removes_attention(i)}
+
     def context(self, positions: torch.Tensor) -> ForwardContext:
         """The ForwardContext of one step over vLLM's flattened tokens (one row of N): every token is
         real, a token at position p sees p + 1 keys, and a sequence's first token is protected where
@@ -61,8 +66,9 @@ class EngineSkip:
         return ForwardContext(self.plan, self.bank, valid, seen, protect)
 
     def report(self) -> dict:
-        """(Under `lock` where a publishing thread runs.) Counts so far and what they come to (FLOPs of the decoder layers, gates included)."""
-        flops = flop_report(self.stats, self.dims, self.bank.config)
+        """(Under `lock` where a publishing thread runs.) Counts so far and what they come to (FLOPs of the
+        decoder layers as this engine spends them, gates included: engine_flops)."""
+        flops = engine_flops(self.stats, self.dims, self.bank.config, self.kv_less())
         modules = {k: [c.seen, c.skipped] for k, c in self.stats.modules().items()}
         return {"target": self.spec.target, "tokens": flops.tokens, "skip_fraction": flops.paper_fraction,
                 "net_saving": flops.net_saving, "net_saving_with_head": flops.net_saving_with_head, "modules": modules}
@@ -80,6 +86,27 @@ class EngineSkip:
                      100 * report["skip_fraction"], 100 * report["net_saving"], 100 * report["net_saving_with_head"])
             if self.spec.metrics_file:
                 write_report(self.spec.metrics_file, report)
+
+
+def engine_flops(stats: SkipStats, dims: ModelDims, gate_config: GateConfig, kv_less: set[int]) -> FlopReport:
+    """gateskip.flops' report, corrected to what the engine computes. gateskip.flops counts a token
+    that skips attention as saving its q and o projections and its scores (what gateskip's own
+    execution saves); in the engine a partly skipped attention module still projects queries and
+    attends for every token (vLLM builds one attention metadata for all layers), so only o_proj is
+    saved. An attention module with no KV cache (kv_less: removed by the target) computes no keys
+    or values for any token that skips it."""
+    report = flop_report(stats, dims, gate_config)
+    q_proj = dims.attn_skippable_per_token / 2
+    change = 0.0
+    for key, c in stats.modules().items():
+        branch, layer = key.split(".")
+        if branch != "attn":
+            continue
+        if int(layer) in kv_less:
+            change += (c.skipped - c.kv_skipped) * dims.attn_kv_per_token
+        else:
+            change -= c.skipped * q_proj + c.skipped_context * dims.attn_per_context
+    return replace(report, skipped_flops=report.skipped_flops + change)
 
 
 def _in_real_step() -> bool:
