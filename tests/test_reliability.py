@@ -539,3 +539,31 @@ def test_calibrate_on_a_full_disk_keeps_the_gate_file_and_leaves_no_temporary_fi
     assert "No space left on device" in err
     assert (gates / "gateskip.safetensors").read_bytes() == before and sorted(p.name for p in gates.iterdir()) == [
         "gateskip.safetensors"]
+
+
+def test_more_api_misuse_names_the_argument():
+    from gateskip.flops import ModelDims, flop_report
+    from gateskip.loading import load_model
+
+    model = decode_model()
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(GateSkipError, match="eos_token_id must be a token id"):
+        decode(model, ids, budget=0.5, max_new_tokens=2, eos_token_id="</s>")
+    with pytest.raises(GateSkipError, match="pad_token_id must be a token id"):
+        decode(model, ids, budget=0.5, max_new_tokens=2, pad_token_id="0")
+    with pytest.raises(GateSkipError, match="input_ids holds token id"):
+        decode(model, ids + 10_000, budget=0.5, max_new_tokens=2)
+    with pytest.raises(GateSkipError, match="flop_report: stats must be"):
+        flop_report({}, ModelDims.from_config(model.config), model.gate_bank.config)
+    with pytest.raises(GateSkipError, match="no module 'attn.0' was recorded"):
+        SkipStats().skip_fraction("attn.0")
+    with pytest.raises(GateSkipError, match="load_model: dtype must be"):
+        load_model("smollm2-135m", dtype="float32")
+    with pytest.raises(GateSkipError, match="a model spec is a bundled name"):
+        load_model(None)
+    with pytest.raises(GateSkipError, match="add_gates: config must be a GateConfig"):
+        add_gates(tiny_model(), {"kind": "scalar"})
+    with pytest.raises(GateSkipError, match="path must be a gate file"):
+        from gateskip import load_gates
+
+        load_gates(tiny_model(), 123)

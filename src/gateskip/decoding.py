@@ -280,6 +280,8 @@ def decode(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise GateSkipError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
     chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
+    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
+        raise GateSkipError(f"pad_token_id must be a token id (an int), got {pad_token_id!r}")
     if mask is None and input_ids.shape[0] > 1:
         _refuse_unmasked_padding(model, input_ids)
     prompt = input_ids

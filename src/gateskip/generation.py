@@ -50,7 +50,13 @@ def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | No
 
 def stop_tokens(eos_token_id: int | list[int] | None) -> set[int]:
     """The stop tokens an `eos_token_id` names (HF allows one id, a list, or none)."""
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    if eos_token_id is None:
+        return set()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, set, frozenset, torch.Tensor)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)):
+        raise GateSkipError(f"eos_token_id must be a token id, a list of them or None, got {eos_token_id!r}")
+    return set(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
 
 
 def check_prompt(model, input_ids: torch.Tensor) -> None:

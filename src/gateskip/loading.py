@@ -249,6 +249,8 @@ def load_model(
     of a gated model comes back with its gates (its gateskip.safetensors).
     """
     check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise GateSkipError(f"load_model: dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
     target = resolve_spec(spec)
     is_local = Path(target).is_dir()
     try:

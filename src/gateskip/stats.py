@@ -77,7 +77,12 @@ class SkipStats:
         return out
 
     def skip_fraction(self, key: str) -> float:
-        c = self.modules()[key]
+        modules = self.modules()
+        if key not in modules:
+            from .errors import GateSkipError
+
+            raise GateSkipError(f"no module {key!r} was recorded; recorded: {', '.join(modules) or 'none'}")
+        c = modules[key]
         return c.skipped / c.seen if c.seen else 0.0
 
 
