@@ -217,7 +217,7 @@ def test_analyze_on_a_full_disk_leaves_no_truncated_plot(assets, tmp_path, capsy
 
     def full_disk(self, fname, *args, **kwargs):
         count.append(fname)
-        if len(count) == 2:  # the second plot: half written, then the disk is full
+        if len(count) % 4 == 2:  # the second plot of a run: half written, then the disk is full
             Path(fname).write_bytes(b"\x89PNG half")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, fname, *args, **kwargs)
@@ -227,8 +227,13 @@ def test_analyze_on_a_full_disk_leaves_no_truncated_plot(assets, tmp_path, capsy
     code, _, err = run(["analyze", assets["model"], "--gates", assets["gates"], "--text", assets["text"], "--out", out,
                         "--length", "16", "--sequences", "2"], capsys)
     one_error(code, err, "No space left on device")
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))  # only complete images
-    assert leftovers(out) == [] and not (out / "analysis.md").exists()
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # no partial analysis, no temporary
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # into an existing folder: its own files stay, nothing half-written joins
+    code, _, err = run(["analyze", assets["model"], "--gates", assets["gates"], "--text", assets["text"], "--out", out,
+                        "--length", "16", "--sequences", "2"], capsys)
+    one_error(code, err, "No space left on device")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and leftovers(tmp_path) == []
 
 
 def test_prune_on_a_full_disk_leaves_no_config_without_weights_and_a_rerun_works(assets, tmp_path, capsys,

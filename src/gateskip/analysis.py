@@ -22,7 +22,7 @@ from .errors import GateSkipError
 from .gates import importance
 from .model import is_gated
 from .plan import GateTrace, SkipPlan
-from .files import save_figure, write_json, write_text
+from .files import atomic_folder, save_figure, write_json, write_text
 from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
 
 # Token classes, in the order plots and tables list them.
@@ -398,16 +398,18 @@ def analyze(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor | None, out:
         "keep_rates": class_keep_rates(record, classes),
         "thresholds": bank.thresholds,
     }
-    plots = {
-        "mean importance per layer": plot_heatmap(record, out / PLOTS["heatmap"]).name,
-        "importance distribution per layer": plot_distribution(record, out / PLOTS["distribution"]).name,
-        "importance by token class": plot_classes(record, means, out / PLOTS["classes"]).name,
-        f"skip pattern at budget {budget:g}": plot_skip_pattern(record, tokenizer, out / PLOTS["pattern"]).name,
-    }
-    if bank.thresholds:
-        plots["calibrated thresholds"] = plot_thresholds(bank.thresholds, record.keys, out / PLOTS["thresholds"]).name
-    write_json(out / STATS, stats, indent=1, default=str)
-    write_text(out / SUMMARY, summary_markdown(stats, plots))
+    with atomic_folder(out) as folder:  # all of it or nothing: a failed write leaves no partial analysis
+        plots = {
+            "mean importance per layer": plot_heatmap(record, folder / PLOTS["heatmap"]).name,
+            "importance distribution per layer": plot_distribution(record, folder / PLOTS["distribution"]).name,
+            "importance by token class": plot_classes(record, means, folder / PLOTS["classes"]).name,
+            f"skip pattern at budget {budget:g}": plot_skip_pattern(record, tokenizer, folder / PLOTS["pattern"]).name,
+        }
+        if bank.thresholds:
+            plots["calibrated thresholds"] = plot_thresholds(bank.thresholds, record.keys,
+                                                             folder / PLOTS["thresholds"]).name
+        write_json(folder / STATS, stats, indent=1, default=str)
+        write_text(folder / SUMMARY, summary_markdown(stats, plots))
     return stats
 
 

@@ -37,7 +37,7 @@ from .errors import GateSkipError
 from .flops import ModelDims, flop_report
 from .plan import SkipPlan
 from .stats import SkipStats
-from .files import save_figure, write_json, write_text
+from .files import atomic_folder, save_figure, write_json, write_text
 from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
 
 EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
@@ -237,7 +237,9 @@ def run(args: argparse.Namespace) -> int:
                  f"thresholds)\n\n{table(curves, args.targets, 'agreement')}\n")
     print(text)
     if args.out:
-        write_json(args.out / "proxy.json", curves, indent=1)
-        write_text(args.out / "proxy.md", text)
-        print(f"plot: {plot(curves, args.out / 'proxy.png')}")
+        with atomic_folder(args.out) as folder:  # the three files or none
+            write_json(folder / "proxy.json", curves, indent=1)
+            write_text(folder / "proxy.md", text)
+            plot(curves, folder / "proxy.png")
+        print(f"plot: {args.out / 'proxy.png'}")
     return 0
