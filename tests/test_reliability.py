@@ -572,3 +572,49 @@ def test_more_api_misuse_names_the_argument():
         from gateskip import load_gates
 
         load_gates(tiny_model(), 123)
+
+
+WRONG = [None, "x", "0.5", {}, [], [1], math.nan, math.inf, -math.inf, -1, 0, 1.5, 10**30, True, object(),
+         torch.tensor(1.0)]
+
+
+def only_gateskip_errors(call) -> None:
+    try:
+        call()
+    except GateSkipError:
+        pass
+
+
+def test_the_python_api_given_wrong_values_raises_only_gateskip_errors():
+    """Every argument of the user-facing constructors and decoders, in turn given values of the wrong type,
+    non-finite or out of range: accepted, or a GateSkipError, never another exception from deep inside."""
+    from gateskip import QuantileBudget
+    from gateskip.allocation import allocation_budget
+    from gateskip.calibrate import calibrate, threshold_budget
+    from gateskip.speculative import speculative_generate
+
+    model, ids = decode_model(), torch.tensor([[5, 6, 7]])
+    calls = []
+    for value in WRONG:
+        for field in ("kind", "rank", "branches", "shared", "detach_input", "init_std", "init_bias", "skip_bos",
+                      "application"):
+            calls.append(lambda f=field, v=value: GateConfig(**{f: v}))
+        for field in ("budget", "execution", "apply_gates", "skip_bos", "stats", "trace", "attention"):
+            calls.append(lambda f=field, v=value: SkipPlan(**{f: v}))
+        calls += [lambda v=value: QuantileBudget(v), lambda v=value: QuantileBudget(0.5, scope=v),
+                  lambda v=value: ThresholdBudget(v), lambda v=value: ThresholdBudget({}, v),
+                  lambda v=value: AllocationBudget(v, 0.1), lambda v=value: AllocationBudget({}, v),
+                  lambda v=value: AllocationBudget({}, 0.1, v), lambda v=value: threshold_budget(model, v),
+                  lambda v=value: allocation_budget(model, v), lambda v=value: calibrate(model, ids, v),
+                  lambda v=value: calibrate(model, v, [0.5]), lambda v=value: decode(model, v, max_new_tokens=2)]
+        for field in ("attention_mask", "budget", "max_new_tokens", "eos_token_id", "pad_token_id", "do_sample",
+                      "temperature", "top_k", "top_p"):
+            sampling = {"do_sample": True} if field in ("temperature", "top_k", "top_p") else {}
+            calls.append(lambda f=field, v=value, s=sampling: decode(model, ids, **{"budget": 0.5, "max_new_tokens": 2,
+                                                                                     **s, f: v}))
+        for field in ("budget", "k", "max_new_tokens", "eos_token_id", "temperature", "top_p"):
+            sampling = {"do_sample": True} if field in ("temperature", "top_p") else {}
+            calls.append(lambda f=field, v=value, s=sampling: speculative_generate(
+                model, ids, **{"budget": 0.5, "max_new_tokens": 2, **s, f: v}))
+    for call in calls:
+        only_gateskip_errors(call)

@@ -105,8 +105,12 @@ def calibrate(
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not (mask is None or isinstance(mask, torch.Tensor)):
         raise GateSkipError("calibrate: samples must be token ids (B, T) or (ids, attention_mask) tensors; "
                             "tokenize_samples or sample_tokens make them from text")
-    if isinstance(ratios, (int, float)) or not all(isinstance(r, (int, float)) for r in ratios):
-        raise GateSkipError(f"calibrate: ratios must be a list of skip ratios, e.g. [0.25, 0.5], got {ratios!r}")
+    try:
+        ratios = list(ratios)
+    except TypeError:
+        ratios = None
+    if ratios is None or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratios):
+        raise GateSkipError("calibrate: ratios must be a list of skip ratios, e.g. [0.25, 0.5]")
     if ids.numel() == 0 or (mask is not None and int(mask.sum()) == 0):
         raise GateSkipError("calibration needs at least one sample token")
     device = next(model.parameters()).device

@@ -185,11 +185,11 @@ def step_context(plan: SkipPlan, model, batch: int, t: int, context: torch.Tenso
 def warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
     out = LogitsProcessorList()
     if temperature != 1.0:
-        out.append(TemperatureLogitsWarper(temperature))
+        out.append(TemperatureLogitsWarper(float(temperature)))  # HF takes floats only (an int 2 is refused)
     if top_k:
         out.append(TopKLogitsWarper(top_k))
     if top_p is not None and top_p < 1.0:
-        out.append(TopPLogitsWarper(top_p))
+        out.append(TopPLogitsWarper(float(top_p)))
     return out
 
 
@@ -280,7 +280,7 @@ def decode(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise GateSkipError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
     chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
-    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
+    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or not 0 <= pad_token_id < 2**63:
         raise GateSkipError(f"pad_token_id must be a token id (an int), got {pad_token_id!r}")
     if mask is None and input_ids.shape[0] > 1:
         _refuse_unmasked_padding(model, input_ids)

@@ -52,11 +52,14 @@ def stop_tokens(eos_token_id: int | list[int] | None) -> set[int]:
     """The stop tokens an `eos_token_id` names (HF allows one id, a list, or none)."""
     if eos_token_id is None:
         return set()
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, set, frozenset, torch.Tensor)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)):
+    ids = eos_token_id
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist() if not ids.dtype.is_floating_point else None
+    ids = [ids] if isinstance(ids, int) else ids
+    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids):
         raise GateSkipError(f"eos_token_id must be a token id, a list of them or None, got {eos_token_id!r}")
-    return set(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
+    return set(ids)
 
 
 def check_prompt(model, input_ids: torch.Tensor) -> None:

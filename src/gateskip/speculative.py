@@ -167,10 +167,10 @@ def speculative_generate(
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise GateSkipError(f"self-speculative decoding takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
     check_prompt(model, input_ids)
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise GateSkipError(f"draft length k must be an integer >= 1, got {k!r}")
-    if max_new_tokens < 1:
-        raise GateSkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise GateSkipError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
     chooser = Chooser(do_sample, temperature, top_k, top_p, generator)
     draft_budget = decode_budget(model, budget)
     stops = stop_tokens(eos_token_id)
