@@ -618,3 +618,30 @@ def test_the_python_api_given_wrong_values_raises_only_gateskip_errors():
                 model, ids, **{"budget": 0.5, "max_new_tokens": 2, **s, f: v}))
     for call in calls:
         only_gateskip_errors(call)
+
+
+def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(assets, tmp_path):
+    from gateskip import load_gates
+    from gateskip.allocation import search
+    from gateskip.analysis import collect
+    from gateskip.calibrate import tokenize_samples
+    from gateskip.flops import ModelDims, flop_report
+    from gateskip.generation import generate
+    from gateskip.loading import load_model
+
+    model, ids = decode_model(), torch.tensor([[5, 6, 7]])
+    dims, samples = ModelDims.from_config(model.config), (torch.randint(3, 60, (2, 16)), torch.ones(2, 16))
+    for value in WRONG:
+        for call in (lambda: save_gates(model, value), lambda: save_gates(value, tmp_path / "g"),
+                     lambda: load_gates(tiny_model(), value), lambda: add_gates(tiny_model(), value),
+                     lambda: load_model(value), lambda: load_model(str(assets["model"]), dtype=value),
+                     lambda: load_model(str(assets["model"]), device=value),
+                     lambda: flop_report(value, dims, None), lambda: flop_report(SkipStats(), value, None),
+                     lambda: flop_report(SkipStats(), dims, value), lambda: ModelDims.from_config(value),
+                     lambda: generate(model, value, budget=0.5, max_new_tokens=2),
+                     lambda: generate(model, ids, attention_mask=value, budget=0.5, max_new_tokens=2),
+                     lambda: collect(model, value), lambda: collect(model, ids, value),
+                     lambda: collect(model, ids, None, value), lambda: search(model, value, [0.1]),
+                     lambda: search(model, samples, value), lambda: search(model, samples, [0.1], value),
+                     lambda: tokenize_samples(char_tokenizer(), value)):
+            only_gateskip_errors(call)

@@ -45,7 +45,7 @@ from .model import check_allocation_modules, decoder_layers, is_gated, read_gate
 from .plan import SkipPlan
 from .stats import SkipStats
 from .files import save_figure
-from .validate import check_plot_file, existing_path, fits_context, integer, ratio, text_source
+from .validate import check_plot_file, existing_path, fits_context, integer, ratio, ratio_list, text_source, token_batch
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 
@@ -131,7 +131,7 @@ class _Meter:
             raise GateSkipError("an allocation needs a model with gates (add_gates or load_gates first)")
         device = next(model.parameters()).device
         self.model = model
-        self.ids, self.mask = (t.to(device) for t in samples)
+        self.ids, self.mask = (t.to(device) for t in token_batch(samples, "samples"))
         self.keys = model.gate_bank.module_keys()
         self.costs, self.dense = sample_costs(model, self.mask)
         self.most = self.saving(dict.fromkeys(self.keys, 1.0))
@@ -157,7 +157,7 @@ class _Meter:
         return (self.costs[key].saving(ratio) - self.costs[key].saving(ratios.get(key, 0.0))) / self.dense
 
     def check(self, targets: Sequence[float]) -> list[float]:
-        targets = sorted(check_ratio(t) for t in targets)
+        targets = sorted(ratio_list(targets, "targets"))
         if targets and targets[-1] >= self.most:
             raise GateSkipError(f"target {targets[-1]:g} is beyond what this model allows: removing every gated module "
                                 f"saves {self.most:.3f} of the decoder-layer FLOPs")
@@ -254,6 +254,11 @@ def search(
     nothing skipped and the gates not applied (the base)."""
     meter = _Meter(model, samples)
     targets = meter.check(targets)
+    if not targets:
+        raise GateSkipError("targets must hold at least one net saving, e.g. [0.1, 0.25]")
+    levels = ratio_list(levels, "levels")
+    if 1.0 not in levels or 0.0 in levels:
+        raise GateSkipError(f"levels must include 1 (removal) and not 0, got {levels}")
     kl = meter.kl({})
     found = {ratio_key(t): {"ratios": {}, "saving": 0.0, "kl": kl} for t in targets if t == 0}
     bar = tqdm(total=round(100 * targets[-1]), desc="allocation", unit="% saved")

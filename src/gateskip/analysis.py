@@ -23,7 +23,7 @@ from .gates import importance
 from .model import is_gated
 from .plan import GateTrace, SkipPlan
 from .files import atomic_folder, save_figure, write_json, write_text
-from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
+from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source, token_batch
 
 # Token classes, in the order plots and tables list them.
 CLASSES = ("first", "punctuation", "function word", "content word", "other")
@@ -107,6 +107,7 @@ def collect(model, ids: torch.Tensor, mask: torch.Tensor | None = None, budget: 
     if not is_gated(model):
         raise GateSkipError("analysis needs a model with gates (load_gates or add_gates first)")
     device = next(model.parameters()).device
+    ids, mask = token_batch((ids, mask), "collect's ids and mask", mask_required=False)
     mask = torch.ones_like(ids) if mask is None else mask
     ids, mask = ids.to(device), mask.to(device)
     keys, imp, _ = _traced(model, ids, mask, None)

@@ -24,7 +24,7 @@ from .errors import GateSkipError
 from .gates import GateBank
 from .model import is_gated
 from .plan import SkipPlan
-from .validate import existing_path, fits_context, integer, ratio, text_source
+from .validate import existing_path, fits_context, integer, ratio, text_source, token_batch
 
 
 def ratio_key(ratio: float) -> str:
@@ -76,6 +76,8 @@ def _quantile_threshold(imp: torch.Tensor, valid: torch.Tensor, protect: torch.T
 
 def tokenize_samples(tokenizer, texts: Sequence[str], max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample texts -> (input_ids, attention_mask), right-padded and cut to max_length tokens."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise GateSkipError("tokenize_samples: texts must be a list of strings")
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise GateSkipError("calibration needs some non-empty sample text")
@@ -130,7 +132,7 @@ def calibrate_allocation(model, samples: tuple[torch.Tensor, torch.Tensor], allo
     """Decoding thresholds for stored allocations: each partly skipped module's threshold is the
     quantile at its own ratio, set in execution order as `calibrate` does; kept in each entry."""
     device = next(model.parameters()).device
-    ids, mask = (t.to(device) for t in samples)
+    ids, mask = (t.to(device) for t in token_batch(samples, "samples"))
     for target, entry in allocations.items():
         ratios = entry["ratios"]
         budget = _CalibratingBudget(thresholds={}, ratio=float(target), ratios=ratios)

@@ -35,6 +35,11 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config) -> "ModelDims":
+        needed = ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+        missing = [name for name in needed if not isinstance(getattr(config, name, None), int)]
+        if missing:
+            raise GateSkipError(f"ModelDims.from_config needs a model config (model.config), got {type(config).__name__} "
+                                f"without a whole-number {missing[0]}")
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -111,6 +116,12 @@ def flop_report(stats: SkipStats, dims: ModelDims, gate_config: GateConfig | Non
     if not isinstance(stats, SkipStats):
         raise GateSkipError(f"flop_report: stats must be the gateskip.SkipStats a SkipPlan filled, got "
                             f"{type(stats).__name__}")
+    if not isinstance(dims, ModelDims):
+        raise GateSkipError(f"flop_report: dims must be a ModelDims (ModelDims.from_config(model.config)), got "
+                            f"{type(dims).__name__}")
+    if gate_config is not None and not isinstance(gate_config, GateConfig):
+        raise GateSkipError(f"flop_report: gate_config must be the gates' GateConfig (model.gate_bank.config) or "
+                            f"None, got {type(gate_config).__name__}")
     tokens, context = stats.tokens, stats.context
     per_token = dims.attn_skippable_per_token + dims.attn_kv_per_token + dims.mlp_per_token
     dense = dims.layers * (tokens * per_token + context * dims.attn_per_context)

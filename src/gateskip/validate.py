@@ -127,7 +127,7 @@ def _device_problem(text: str | torch.device) -> str | None:
     """Why `text` is not a torch device this machine has, or None."""
     try:
         dev = torch.device(text)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError, OverflowError):
         return f"unknown device {str(text)!r}; use cpu, cuda, cuda:N or mps"
     if dev.type == "cpu":
         return None
@@ -149,6 +149,35 @@ def device(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def token_batch(samples, what: str, mask_required: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Python API's (ids, attention_mask) samples: ids a (B, T) integer tensor with tokens, the mask
+    a tensor of its shape (or, when not `mask_required`, ids alone or (ids, None)); GateSkipError
+    naming `what` otherwise."""
+    if isinstance(samples, torch.Tensor) and not mask_required:
+        ids, mask = samples, None
+    elif isinstance(samples, (tuple, list)) and len(samples) == 2:
+        ids, mask = samples
+    else:
+        need = "an (ids, attention_mask) pair" if mask_required else "token ids (B, T) or an (ids, attention_mask) pair"
+        raise GateSkipError(f"{what} must be {need} of tensors, got {type(samples).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0 or ids.dtype.is_floating_point:
+        raise GateSkipError(f"{what}: the token ids must be a non-empty (B, T) integer tensor")
+    if mask is None and not mask_required:
+        return ids, None
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        raise GateSkipError(f"{what}: the attention mask must be a tensor of the ids' shape {tuple(ids.shape)}")
+    return ids, mask
+
+
+def ratio_list(values, what: str) -> list[float]:
+    """A list of ratios in [0, 1] (targets, levels) from the Python API; GateSkipError naming `what` otherwise."""
+    from .budget import check_ratio
+
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or isinstance(values, torch.Tensor):
+        raise GateSkipError(f"{what} must be a list of ratios in [0, 1], e.g. [0.1, 0.25], got {values!r}")
+    return [check_ratio(v) for v in values]
 
 
 def check_device(dev: str | torch.device) -> None:
