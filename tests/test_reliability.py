@@ -620,7 +620,7 @@ def test_the_python_api_given_wrong_values_raises_only_gateskip_errors():
         only_gateskip_errors(call)
 
 
-def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(assets, tmp_path):
+def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(assets, tmp_path, monkeypatch):
     from gateskip import load_gates
     from gateskip.allocation import search
     from gateskip.analysis import collect
@@ -629,6 +629,7 @@ def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(a
     from gateskip.generation import generate
     from gateskip.loading import load_model
 
+    monkeypatch.chdir(tmp_path)  # save_gates(model, "x") writes x/gateskip.safetensors: here, not in the checkout
     model, ids = decode_model(), torch.tensor([[5, 6, 7]])
     dims, samples = ModelDims.from_config(model.config), (torch.randint(3, 60, (2, 16)), torch.ones(2, 16))
     for value in WRONG:
