@@ -47,15 +47,31 @@ class SkipStats:
             self._fold()
 
     def _fold(self) -> None:
+        """Sum the queued masks, a few tensor operations per run of entries of one shape (a decode
+        step's modules are one run) rather than per entry: folding is not what a step waits on."""
         pending, self._pending = self._pending, []
-        for key, valid, keep, context, gated, kv_skipped in pending:
-            if key is None:
-                row = torch.stack([valid.sum(), (context * valid).sum()]).double()
-                self._totals = row if self._totals is None else self._totals + row
-                continue
-            skipped = valid & ~keep
-            seen, n_skipped = valid.sum(), skipped.sum()
-            row = torch.stack([seen, n_skipped, (context * skipped).sum(), seen * gated, n_skipped * kv_skipped]).double()
+        start = 0
+        for end in range(1, len(pending) + 1):
+            if end == len(pending) or _kind(pending[end]) != _kind(pending[start]):
+                self._fold_run(pending[start:end])
+                start = end
+
+    def _fold_run(self, run: list[tuple]) -> None:
+        valid = torch.stack([e[1] for e in run]).flatten(1)
+        context = torch.stack([e[3] for e in run]).flatten(1).double()
+        if run[0][0] is None:
+            row = torch.stack([valid.sum().double(), (context * valid).sum()])
+            self._totals = row if self._totals is None else self._totals + row
+            return
+        skipped = valid & ~torch.stack([e[2] for e in run]).flatten(1)
+        seen, n_skipped = valid.sum(1).double(), skipped.sum(1).double()
+        flags = torch.tensor([[e[4], e[5]] for e in run], dtype=torch.float64, device=valid.device)
+        rows = torch.stack([seen, n_skipped, (context * skipped).sum(1), seen * flags[:, 0], n_skipped * flags[:, 1]], 1)
+        keys = list(dict.fromkeys(e[0] for e in run))
+        index = {k: i for i, k in enumerate(keys)}
+        sums = rows.new_zeros(len(keys), rows.shape[1]).index_add_(
+            0, torch.tensor([index[e[0]] for e in run], device=rows.device), rows)
+        for key, row in zip(keys, sums):
             self._modules[key] = self._modules[key] + row if key in self._modules else row
 
     @property
@@ -84,6 +100,11 @@ class SkipStats:
             raise GateSkipError(f"no module {key!r} was recorded; recorded: {', '.join(modules) or 'none'}")
         c = modules[key]
         return c.skipped / c.seen if c.seen else 0.0
+
+
+def _kind(entry: tuple) -> tuple:
+    """Entries that fold together: forward or module records over masks of one shape and device."""
+    return entry[0] is None, entry[1].shape, entry[1].device
 
 
 @dataclass(frozen=True)
