@@ -268,9 +268,11 @@ def decode(
     streamer=None,
     compile: bool = False,
 ) -> Generation:
-    """Decode up to max_new_tokens per row (left-padded prompts) at a calibrated budget, as
-    `generation.generate` does but without HF generate's loop. Rows that reach a stop token
-    are filled with pad_token_id; decoding ends when every row has stopped.
+    """Decode up to max_new_tokens per row at a calibrated budget, as `generation.generate` does but
+    without HF generate's loop. Rows that reach a stop token are filled with pad_token_id; decoding
+    ends when every row has stopped. Prompts may be padded on either side (or have holes): each row
+    decodes as it would alone (left_aligned); a row of padding only, and padding without a mask, are
+    refused.
 
     compile: run each module's dense compute through torch.compile (gateskip.compiled: the
     decisions stay eager, attention sees the whole static cache; eager again, with one
