@@ -646,3 +646,18 @@ def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(a
                      lambda: search(model, samples, value), lambda: search(model, samples, [0.1], value),
                      lambda: tokenize_samples(char_tokenizer(), value)):
             only_gateskip_errors(call)
+
+
+def test_hf_generate_refuses_padding_it_cannot_handle():
+    from gateskip.generation import generate
+
+    model = decode_model()
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    with pytest.raises(GateSkipError, match="must be left-padded"):
+        generate(model, ids, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), budget=0.5, max_new_tokens=2)
+    model.generation_config.pad_token_id = 0
+    try:
+        with pytest.raises(GateSkipError, match="row 0 of input_ids begins or ends with the pad token"):
+            generate(model, ids, None, budget=0.5, max_new_tokens=2)
+    finally:
+        model.generation_config.pad_token_id = None

@@ -31,7 +31,8 @@ from .budget import AllocationBudget, ThresholdBudget
 from .compiled import KERNELS
 from .errors import GateSkipError
 from .execution import StepKernels
-from .generation import Generation, check_attention_mask, check_prompt, decode_budget, stop_tokens
+from .generation import (Generation, check_attention_mask, check_prompt, decode_budget, refuse_unmasked_padding,
+                         stop_tokens)
 from .model import decoder_layers
 from .plan import ForwardContext, SkipPlan
 from .stats import SkipStats
@@ -285,7 +286,7 @@ def decode(
     if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or not 0 <= pad_token_id < 2**63:
         raise GateSkipError(f"pad_token_id must be a token id (an int), got {pad_token_id!r}")
     if mask is None and input_ids.shape[0] > 1:
-        _refuse_unmasked_padding(model, input_ids)
+        refuse_unmasked_padding(model, input_ids)
     prompt = input_ids
     if mask is not None:  # any padding side, any holes: each row's real tokens, in order, at the right end
         input_ids, mask = left_aligned(input_ids, mask)
@@ -339,19 +340,3 @@ def left_aligned(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     ids, mask = input_ids.gather(1, order), mask.gather(1, order)
     width = int(mask.sum(1).max())
     return ids[:, -width:], mask[:, -width:]
-
-
-def _refuse_unmasked_padding(model, input_ids: torch.Tensor) -> None:
-    """A batch without an attention mask is taken as unpadded: one whose rows begin or end with the
-    model's pad token is refused rather than decoded with the padding read as text."""
-    pads = {getattr(getattr(model, "generation_config", None), "pad_token_id", None),
-            getattr(model.config, "pad_token_id", None)}
-    pads = {p for p in pads if isinstance(p, int)}
-    if not pads:
-        return
-    pad = torch.tensor(sorted(pads), device=input_ids.device)
-    edges = torch.isin(input_ids[:, 0], pad) | torch.isin(input_ids[:, -1], pad)
-    if bool(edges.any()):
-        row = int(edges.nonzero()[0])
-        raise GateSkipError(f"row {row} of input_ids begins or ends with the pad token, but no attention_mask was "
-                            "given: pass the tokenizer's attention_mask (any padding side works)")

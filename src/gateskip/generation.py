@@ -102,6 +102,22 @@ def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return mask
 
 
+def refuse_unmasked_padding(model, input_ids: torch.Tensor) -> None:
+    """A batch without an attention mask is taken as unpadded: one whose rows begin or end with the
+    model's pad token is refused rather than decoded with the padding read as text."""
+    pads = {getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+            getattr(model.config, "pad_token_id", None)}
+    pads = {p for p in pads if isinstance(p, int)}
+    if not pads:
+        return
+    pad = torch.tensor(sorted(pads), device=input_ids.device)
+    edges = torch.isin(input_ids[:, 0], pad) | torch.isin(input_ids[:, -1], pad)
+    if bool(edges.any()):
+        row = int(edges.nonzero()[0])
+        raise GateSkipError(f"row {row} of input_ids begins or ends with the pad token, but no attention_mask was "
+                            "given: pass the tokenizer's attention_mask")
+
+
 class _SplitStatsAfterPrefill(LogitsProcessor):
     """Called once per forward, after the logits: from the second forward on, the plan
     records into `decode` instead, so prefill and decoding are reported apart."""
@@ -160,6 +176,8 @@ def generate(
     """
     check_prompt(model, input_ids)
     mask = check_attention_mask(input_ids, attention_mask)
+    if mask is None and input_ids.shape[0] > 1:
+        refuse_unmasked_padding(model, input_ids)
     if mask is not None and not bool((mask[:, 1:] >= mask[:, :-1]).all()):
         raise GateSkipError("generate runs HF generate, which continues each row after its last column: the prompts "
                             "must be left-padded (tokenizer.padding_side = 'left'); gateskip.decoding.decode takes "
