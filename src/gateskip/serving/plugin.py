@@ -14,6 +14,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "GatedLlamaForCausalLM",
     "MistralForCausalLM": "GatedMistralForCausalLM",
     "Qwen2ForCausalLM": "GatedQwen2ForCausalLM",
+    "Gemma3ForCausalLM": "GatedGemma3ForCausalLM",
 }
 
 

@@ -26,7 +26,6 @@ from ..model import GATE_FILE, SUPPORTED_MODEL_TYPES, _gate_file, check_allocati
 
 TARGET_ENV = "GATESKIP_TARGET"
 CONFIG_KEY = "gateskip"  # the attribute of the model's config that carries the spec
-ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")  # vLLM runs Mistral as Llama
 
 
 @dataclass(frozen=True)
@@ -92,10 +91,9 @@ def engine_budget(bank: GateBank, target: float) -> AllocationBudget | Threshold
 def check_fits(bank: GateBank, hf_config, where: str) -> None:
     """Gates made for another model are refused in one line, before weights load."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ENGINE_MODEL_TYPES:
-        served = ", ".join(ENGINE_MODEL_TYPES)
-        other = " (gateskip runs Gemma3 in its own decoder, not yet in vLLM)" if model_type in SUPPORTED_MODEL_TYPES else ""
-        raise GateSkipError(f"gateskip's vLLM engine serves {served} models, not {model_type!r}{other}")
+    if model_type not in SUPPORTED_MODEL_TYPES:  # vLLM runs Mistral as Llama; Qwen2 and Gemma3 have their own classes
+        served = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise GateSkipError(f"gateskip's vLLM engine serves {served} models, not {model_type!r}")
     saved = getattr(bank, "model_type", None)
     if saved is not None and saved != model_type:
         raise GateSkipError(f"gate file {where} was made for a {saved} model, but this model is {model_type}")

@@ -1,4 +1,4 @@
-"""gateskip inside vLLM: the stock Llama, Mistral and Qwen2 model classes with gated layers.
+"""gateskip inside vLLM: the stock Llama, Mistral, Qwen2 and Gemma3 model classes with gated layers.
 
 The plugin (gateskip.serving.plugin) registers these classes under the stock architecture
 names. A model without gates (no EngineSpec, gateskip.serving.spec) is the stock class,
@@ -7,6 +7,8 @@ gateskip.layer's definition on vLLM's flattened batch (the tokens of many reques
 and decode mixed), viewed as one row of N tokens:
 
     h <- h + keep_attn * attn(norm_in(h)),   h <- h + keep_mlp * mlp(norm_post(h))
+
+(Gemma3 also normalises each branch output before it is added, and normalises q and k per head.)
 
 Decisions are gateskip.plan's ForwardContext with the target's calibrated thresholds: per
 token and per module, so a request's tokens never depend on its batch-mates (design.md
@@ -29,11 +31,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from vllm.distributed import get_pp_group
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..errors import GateSkipError
+from ..layer import branch_norms
 from ..model import read_gate_file
 from ..plan import Decision, ForwardContext
 from .engine_skip import EngineSkip
@@ -50,6 +54,9 @@ def attention(attn: nn.Module, positions: torch.Tensor, x: torch.Tensor, rows: t
         return attn.o_proj(o)[0]
     qkv, _ = attn.qkv_proj(x)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    if getattr(attn, "q_norm", None) is not None:  # Gemma3 (and Qwen2 with qk_norm): RMSNorm per head
+        q = attn.q_norm(q.unflatten(-1, (attn.num_heads, attn.head_dim))).flatten(-2)
+        k = attn.k_norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim))).flatten(-2)
     q, k = attn.rotary_emb(positions, q, k)
     o = attn.attn(q, k, v)  # writes every token's K/V into the paged cache
     return attn.o_proj(o if rows is None else o[rows])[0]
@@ -60,8 +67,11 @@ def kept_rows(d: Decision) -> torch.Tensor | None:
     return None if d.keep is None else d.keep[0].nonzero().squeeze(1)
 
 
-def add(h: torch.Tensor, out: torch.Tensor, d: Decision, rows: torch.Tensor | None) -> torch.Tensor:
-    """h with the branch outputs of `rows` added (soft gates scale them first)."""
+def add(h: torch.Tensor, out: torch.Tensor, d: Decision, rows: torch.Tensor | None, out_norm: nn.Module | None
+        ) -> torch.Tensor:
+    """h with the branch outputs of `rows` added (Gemma3 normalises them, soft gates scale them first)."""
+    if out_norm is not None:
+        out = out_norm(out)
     if d.scale is not None:
         scale = d.scale[0]
         out = out * (scale if rows is None else scale[rows])
@@ -70,17 +80,20 @@ def add(h: torch.Tensor, out: torch.Tensor, d: Decision, rows: torch.Tensor | No
 
 def gated_layer(layer: nn.Module, i: int, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """One decoder layer on the flattened tokens h (N, d), read top to bottom."""
-    x = None if ctx.removes("attn", i) else layer.input_layernorm(h)
+    norms = branch_norms(layer)
+    norm_in, norm_out = norms["attn"]
+    x = None if ctx.removes("attn", i) else norm_in(h)
     d = ctx.decide("attn", i, None if x is None else x[None])
     if not d.removed:
         rows = kept_rows(d)
-        h = add(h, attention(layer.self_attn, positions, x, rows), d, rows)
+        h = add(h, attention(layer.self_attn, positions, x, rows), d, rows, norm_out)
 
-    x = None if ctx.removes("mlp", i) else layer.post_attention_layernorm(h)
+    norm_in, norm_out = norms["mlp"]
+    x = None if ctx.removes("mlp", i) else norm_in(h)
     d = ctx.decide("mlp", i, None if x is None else x[None])
     if not d.removed:
         rows = kept_rows(d)
-        h = add(h, layer.mlp(x if rows is None else x[rows]), d, rows)
+        h = add(h, layer.mlp(x if rows is None else x[rows]), d, rows, norm_out)
     return h
 
 
@@ -141,8 +154,8 @@ class GatedForCausalLM:
 def check_layer(layer: nn.Module) -> None:
     """Refuse variants whose attention this forward does not reproduce."""
     attn = layer.self_attn
-    if getattr(attn, "qk_norm", False) or getattr(attn, "do_llama_4_scaling", False):
-        raise GateSkipError("gateskip's vLLM engine does not support attention with QK norms or Llama-4 scaling")
+    if getattr(attn, "do_llama_4_scaling", False) or getattr(attn, "dual_chunk_attention_config", None):
+        raise GateSkipError("gateskip's vLLM engine does not support Llama-4 attention scaling or dual-chunk attention")
 
 
 class GatedLlamaForCausalLM(GatedForCausalLM, LlamaForCausalLM):
@@ -154,4 +167,8 @@ class GatedMistralForCausalLM(GatedForCausalLM, MistralForCausalLM):
 
 
 class GatedQwen2ForCausalLM(GatedForCausalLM, Qwen2ForCausalLM):
+    pass
+
+
+class GatedGemma3ForCausalLM(GatedForCausalLM, Gemma3ForCausalLM):
     pass
