@@ -661,3 +661,16 @@ def test_hf_generate_refuses_padding_it_cannot_handle():
             generate(model, ids, None, budget=0.5, max_new_tokens=2)
     finally:
         model.generation_config.pad_token_id = None
+
+
+@pytest.mark.parametrize("argv", [
+    "analyze {model} --gates {gates} --out", "prune {model} --ratio 0.5 --out", "bench {model} --json",
+    "tasks --tasks piqa --out", "allocate {model} --gates {gates} --show --plot", "train {model} --data {text} --out",
+    "calibrate {model} --ratios 0.5 --gates", "analyze {model} --out {out} --text",
+])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(argv, assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were it taken as ".", the outputs would land here
+    args = [part.format(**assets, out=tmp_path / "out") for part in argv.split(" ")] + [""]
+    code, _, err = run(args, capsys)
+    one_error(code, err, "is empty (an unset variable?)")
+    assert list(tmp_path.iterdir()) == []

@@ -45,7 +45,8 @@ from .model import check_allocation_modules, decoder_layers, is_gated, read_gate
 from .plan import SkipPlan
 from .stats import SkipStats
 from .files import save_figure
-from .validate import check_plot_file, existing_path, fits_context, integer, ratio, ratio_list, text_source, token_batch
+from .validate import (check_plot_file, existing_path, fits_context, integer, output_path, ratio, ratio_list,
+                       text_source, token_batch)
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 
@@ -477,7 +478,7 @@ def register(subparsers) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="measure under bf16 autocast (about 3.5x faster on CPUs with avx512_bf16 or AMX, far slower without; thresholds stay fp32)")
     p.add_argument("--show", action="store_true", help="print the stored allocations instead of searching")
-    p.add_argument("--plot", type=Path, help="write a plot of the allocations per module to this PNG")
+    p.add_argument("--plot", type=output_path, help="write a plot of the allocations per module to this PNG")
     p.add_argument("--overwrite", action="store_true",
                    help="replace allocations the gate file already holds for these targets, and an existing --plot")
     p.set_defaults(func=run)

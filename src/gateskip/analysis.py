@@ -23,7 +23,8 @@ from .gates import importance
 from .model import is_gated
 from .plan import GateTrace, SkipPlan
 from .files import atomic_folder, save_figure, write_json, write_text
-from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source, token_batch
+from .validate import (check_output_folder, existing_path, fits_context, integer, output_path, ratio, text_source,
+                       token_batch)
 
 # Token classes, in the order plots and tables list them.
 CLASSES = ("first", "punctuation", "function word", "content word", "other")
@@ -447,7 +448,7 @@ def register(subparsers) -> None:
                    help="gate file or folder (without it: fresh untrained low-rank gates, a control)")
     p.add_argument("--text", default="bundled", type=text_source, help="sample text: 'bundled' (read from its end, which gateskip demo "
                    "does not train on), a .txt/.jsonl file or a dataset folder")
-    p.add_argument("--out", type=Path, required=True, help="folder for the plots, analysis.md and analysis.json")
+    p.add_argument("--out", type=output_path, required=True, help="folder for the plots, analysis.md and analysis.json")
     p.add_argument("--budget", type=ratio, default=0.25, help="skip ratio for the skip pattern and keep rates")
     p.add_argument("--sequences", type=integer(1), default=8, help="sample sequences")
     p.add_argument("--length", type=integer(2), default=128, help="tokens per sample sequence")

@@ -45,7 +45,7 @@ from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
 from .files import atomic_folder
-from .validate import check_output_folder, existing_file
+from .validate import check_output_folder, existing_file, output_path
 
 METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
 PRUNED = "gateskip-pruned.json"  # what `gateskip prune` writes beside the pruned model
@@ -309,7 +309,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="remove the least influential layers (ShortGPT) and save the model")
     p.add_argument("model", help="bundled model name, local folder or hub id")
     p.add_argument("--ratio", type=float, required=True, help="share of layers to remove, e.g. 0.25")
-    p.add_argument("--out", type=Path, required=True, help="folder for the pruned model (then: gateskip train OUT)")
+    p.add_argument("--out", type=output_path, required=True, help="folder for the pruned model (then: gateskip train OUT)")
     p.add_argument("--sample-text", type=existing_file, help="paragraphs (blank-line separated) to rank layers on")
     p.add_argument("--overwrite", action="store_true", help="replace a model in --out (never the source model)")
     p.set_defaults(func=run)

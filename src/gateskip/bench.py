@@ -14,7 +14,6 @@ import argparse
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,7 @@ from .plan import SkipPlan
 from .stats import SkipStats
 from .timing import time_interleaved
 from .files import write_json
-from .validate import check_output_file, existing_path, fits_context, integer, ratio, real
+from .validate import check_output_file, existing_path, fits_context, integer, output_path, ratio, real
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -204,7 +203,7 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time each budget with the compiled decode step (torch.compile; its first call, "
                         "compiling included, is reported)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", type=output_path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run)
 

@@ -50,7 +50,7 @@ from .proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, TARGETS as PROXY_TARGETS,
 from .proxy import run_proxy, table as proxy_table
 from .stats import SkipStats
 from .train import TrainConfig, train
-from .validate import check_output_folder, integer, read_json
+from .validate import check_output_folder, integer, output_path, read_json
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_GATES = {"smollm2-135m": "gates/smollm2-135m-unit/gateskip.safetensors"}  # repo-relative
@@ -768,7 +768,7 @@ def register(subparsers) -> None:
     source.add_argument("--train-gates", action="store_true",
                         help="train and allocate gates here, also for the bundled model")
     p.add_argument("--items", type=integer(1), help=f"items per task (default {FULL.items}; {QUICK.items} with --quick)")
-    p.add_argument("--out", type=Path, help="report folder (default reports/demo, reports/demo-quick with --quick); "
+    p.add_argument("--out", type=output_path, help="report folder (default reports/demo, reports/demo-quick with --quick); "
                    "rerun with the same folder to continue")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every stage in a minute or two (a smoke test)")
     p.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice; 1 is faster on a "

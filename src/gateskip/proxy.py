@@ -38,7 +38,7 @@ from .flops import ModelDims, flop_report
 from .plan import SkipPlan
 from .stats import SkipStats
 from .files import atomic_folder, save_figure, write_json, write_text
-from .validate import check_output_folder, existing_path, fits_context, integer, ratio, text_source
+from .validate import check_output_folder, existing_path, fits_context, integer, output_path, ratio, text_source
 
 EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 TARGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -200,7 +200,7 @@ def register(subparsers) -> None:
     p.add_argument("--targets", type=ratio, nargs="+", default=list(TARGETS), help="net savings the table compares at")
     p.add_argument("--agreement", type=integer(0), default=0, metavar="N",
                    help="also measure next-token agreement with the base on its greedy continuations of N held-out prompts")
-    p.add_argument("--out", type=Path, help="folder for proxy.json, proxy.md and proxy.png")
+    p.add_argument("--out", type=output_path, help="folder for proxy.json, proxy.md and proxy.png")
     p.add_argument("--overwrite", action="store_true", help="replace the proxy.* files an earlier run left in --out")
     p.set_defaults(func=run)
 

@@ -41,7 +41,7 @@ from . import checkpoint
 from .config import APPLICATIONS, GATE_KINDS, GateConfig
 from .errors import GateSkipError
 from .loading import load_model
-from .validate import MAX_SEED, check_output_folder, read_json, text_source
+from .validate import MAX_SEED, check_output_folder, output_name, read_json, text_source
 from .validate import seed as seed_type
 from .influence import influence_loss
 from .losses import LossTerms, check_sparsity_kind, combine, lm_loss
@@ -565,7 +565,7 @@ def register(subparsers) -> None:
     p.add_argument("model", nargs="?", default=d.model, help=f"bundled name, HF folder or hub id (default {d.model})")
     p.add_argument("--data", action="append", type=text_source, help="text file/folder, .jsonl, datasets folder, hf:NAME[:SPLIT], "
                    "or 'bundled' (Shakespeare; default); repeatable")
-    p.add_argument("--out", default=d.out, help="run folder (checkpoints, metrics.jsonl, final/)")
+    p.add_argument("--out", default=d.out, type=output_name, help="run folder (checkpoints, metrics.jsonl, final/)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--mode", choices=MODES, default=d.mode, help="train backbone+gates, gates only, or LoRA+gates")
     p.add_argument("--gate-kind", choices=GATE_KINDS, default=d.gate_kind)

@@ -87,8 +87,28 @@ def utf8_text(text: str) -> str:
     return text
 
 
+def _not_empty(text: str) -> None:
+    """An empty path is Path("") = the current folder: almost always an unset shell variable."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset variable?); give a path (. for the current folder)")
+
+
+def output_path(text: str) -> Path:
+    """An argparse type for an output file or folder: any path but an empty one (its checks come with the
+    command's options: check_output_folder, check_output_file, check_plot_file)."""
+    _not_empty(text)
+    return Path(text)
+
+
+def output_name(text: str) -> str:
+    """output_path, kept as the text (for options that end up in a JSON record)."""
+    _not_empty(text)
+    return text
+
+
 def existing_file(text: str) -> Path:
     """An argparse type: a readable file."""
+    _not_empty(text)
     path = Path(text).expanduser()
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist")
@@ -101,6 +121,7 @@ def existing_file(text: str) -> Path:
 
 def existing_folder(text: str) -> Path:
     """An argparse type: a readable folder."""
+    _not_empty(text)
     path = Path(text).expanduser()
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder" if path.exists() else f"{text} does not exist")
@@ -111,6 +132,7 @@ def existing_folder(text: str) -> Path:
 
 def existing_path(text: str) -> str:
     """An argparse type: a file or folder that exists (a gate file or the folder holding one)."""
+    _not_empty(text)
     if not Path(text).expanduser().exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist")
     return text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 
@@ -14,7 +13,8 @@ from ..config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
 from ..model import add_gates, load_gates, remove_gates
 from ..validate import seed as seed_type
-from ..validate import check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer
+from ..validate import (check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer,
+                         output_path)
 from .sweep import (DEFAULT_BATCH_SIZE, FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list,
                     run_sweep, sample_batch)
 from .tasks import check_task_folder
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated skip ratios (default {DEFAULT_BUDGETS})")
     p.add_argument("--method", default="gateskip", help=f"comma-separated methods from {', '.join(METHODS)}")
     p.add_argument("--limit", type=integer(1), help="evaluate only the first N documents of each task")
-    p.add_argument("--out", type=Path, required=True, help="output folder (rerun with the same folder to resume)")
+    p.add_argument("--out", type=output_path, required=True, help="output folder (rerun with the same folder to resume)")
     p.add_argument("--data", choices=("bundled", "hub"), default="bundled",
                    help="bundled: offline copies of the standard tasks; hub: lm-eval's own definitions")
     p.add_argument("--include-path", type=existing_folder, help="folder of your own lm-eval task YAMLs")

@@ -265,8 +265,10 @@ def task_manager(names: list[str], source: str, folder: str | os.PathLike, inclu
 
 
 def register(subparsers) -> None:
+    from ..validate import output_path
+
     p = subparsers.add_parser("tasks", help="write the bundled offline tasks as YAMLs for lm_eval --include_path")
-    p.add_argument("--out", type=Path, help="folder to write them into (default: the gateskip cache's tasks/)")
+    p.add_argument("--out", type=output_path, help="folder to write them into (default: the gateskip cache's tasks/)")
     p.add_argument("--tasks", default=",".join(BUNDLED_TASKS),
                    help=f"comma-separated bundled task names (default: all: {', '.join(BUNDLED_TASKS)})")
     p.add_argument("--overwrite", action="store_true",
