@@ -674,3 +674,15 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(argv, assets, 
     code, _, err = run(args, capsys)
     one_error(code, err, "is empty (an unset variable?)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["x" * 300, "~no_such_user_here/x"])
+def test_a_path_the_file_system_cannot_take_is_one_error_line(path, assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["analyze", assets["model"], "--out", path], ["calibrate", assets["model"], "--gates", path,
+                                                               "--ratios", "0.5"],
+                 ["prune", path, "--ratio", "0.5", "--out", tmp_path / "out"], ["generate", path, "--gates",
+                                                                                   assets["gates"], "--prompt", "hi"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error:"), err
+    assert list(tmp_path.iterdir()) == []

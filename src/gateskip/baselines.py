@@ -317,10 +317,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .evaluation.sweep import sample_texts
-    from .loading import load_model
+    from .loading import load_model, resolve_spec
 
     share = check_share(args.ratio)
-    source = Path(args.model).expanduser()
+    source = Path(resolve_spec(args.model))  # a bundled name, a folder or a hub id; a mistake is one line here
     if source.is_dir() and source.resolve() == args.out.expanduser().resolve():
         raise GateSkipError(f"--out {args.out} is the source model's folder; write the pruned model elsewhere")
     check_output_folder(args.out, writes=(PRUNED,), overwrite=args.overwrite)

@@ -214,8 +214,12 @@ def resolve_spec(spec: str) -> str:
     bundled = _canonical_bundled(spec)
     if bundled is not None:
         return str(_ensure_converted(_BUNDLES[bundled]))
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(spec).expanduser()
+        is_dir = path.is_dir()
+    except (RuntimeError, OSError):  # ~user that does not exist, a name too long
+        raise _unknown_spec(spec) from None
+    if is_dir:
         if not (path / "config.json").is_file():
             raise GateSkipError(f"folder {path} is not a Hugging Face model folder (no config.json)")
         return str(path)

@@ -87,29 +87,38 @@ def utf8_text(text: str) -> str:
     return text
 
 
-def _not_empty(text: str) -> None:
-    """An empty path is Path("") = the current folder: almost always an unset shell variable."""
+def _usable_path(text: str) -> Path:
+    """The path `text` names, expanded (~), refused as one line where it cannot be: an empty path
+    (Path("") is the current folder: almost always an unset shell variable), a ~user that does not
+    exist, a name the file system cannot take (too long)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty (an unset variable?); give a path (. for the current folder)")
+    try:
+        path = Path(text).expanduser()
+        path.exists()  # a name too long (ENAMETOOLONG) or a loop of links raises here, not later
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text}: cannot expand ~ (no such user)") from None
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror or e}") from None
+    return path
 
 
 def output_path(text: str) -> Path:
-    """An argparse type for an output file or folder: any path but an empty one (its checks come with the
-    command's options: check_output_folder, check_output_file, check_plot_file)."""
-    _not_empty(text)
+    """An argparse type for an output file or folder: any path but an empty or impossible one (its checks
+    come with the command's options: check_output_folder, check_output_file, check_plot_file)."""
+    _usable_path(text)
     return Path(text)
 
 
 def output_name(text: str) -> str:
     """output_path, kept as the text (for options that end up in a JSON record)."""
-    _not_empty(text)
+    _usable_path(text)
     return text
 
 
 def existing_file(text: str) -> Path:
     """An argparse type: a readable file."""
-    _not_empty(text)
-    path = Path(text).expanduser()
+    path = _usable_path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist")
     if not path.is_file():
@@ -121,8 +130,7 @@ def existing_file(text: str) -> Path:
 
 def existing_folder(text: str) -> Path:
     """An argparse type: a readable folder."""
-    _not_empty(text)
-    path = Path(text).expanduser()
+    path = _usable_path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder" if path.exists() else f"{text} does not exist")
     if not os.access(path, os.R_OK | os.X_OK):
@@ -132,8 +140,7 @@ def existing_folder(text: str) -> Path:
 
 def existing_path(text: str) -> str:
     """An argparse type: a file or folder that exists (a gate file or the folder holding one)."""
-    _not_empty(text)
-    if not Path(text).expanduser().exists():
+    if not _usable_path(text).exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist")
     return text
 
