@@ -631,6 +631,9 @@ def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(a
 
     monkeypatch.chdir(tmp_path)  # save_gates(model, "x") writes x/gateskip.safetensors: here, not in the checkout
     model, ids = decode_model(), torch.tensor([[5, 6, 7]])
+    for name in ("x" * 300, f"{'x' * 300}/gates"):  # too long for the file system
+        only_gateskip_errors(lambda: save_gates(model, name))
+        only_gateskip_errors(lambda: load_gates(tiny_model(), name))
     dims, samples = ModelDims.from_config(model.config), (torch.randint(3, 60, (2, 16)), torch.ones(2, 16))
     for value in WRONG:
         for call in (lambda: save_gates(model, value), lambda: save_gates(value, tmp_path / "g"),

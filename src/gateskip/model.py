@@ -174,10 +174,14 @@ def _output_gate_file(path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise GateSkipError(f"save_gates: path must be a folder or a .safetensors file name, got {path!r}")
     target = _gate_file(path)
-    if Path(path).is_file() and target != Path(path):
+    try:
+        given_file, folder = Path(path).is_file(), target.is_dir()
+    except OSError as e:
+        raise GateSkipError(f"save_gates: cannot write to {path} ({e.strerror or e})") from None
+    if given_file and target != Path(path):
         raise GateSkipError(f"save_gates: path {path} is an existing file; give a folder (the gates go into "
                             f"{GATE_FILE} inside it) or a name ending in .safetensors")
-    if target.is_dir():
+    if folder:
         raise GateSkipError(f"save_gates: {target} is a folder; give a folder holding it or another file name")
     return target
 
@@ -255,9 +259,13 @@ def _existing_gate_file(path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise GateSkipError(f"path must be a gate file or the folder holding {GATE_FILE}, got {type(path).__name__}")
     target = _gate_file(path)
-    if Path(path).is_file() and target != Path(path):
+    try:
+        given_file, found = Path(path).is_file(), target.is_file()
+    except OSError as e:  # a name too long for the file system
+        raise GateSkipError(f"no gate file at {target} ({e.strerror or e})") from None
+    if given_file and target != Path(path):
         raise GateSkipError(f"{path} is not a gate file: give a .safetensors file or the folder holding {GATE_FILE}")
-    if not target.is_file():
+    if not found:
         raise GateSkipError(f"no gate file at {target}")
     return target
 
