@@ -689,3 +689,22 @@ def test_a_path_the_file_system_cannot_take_is_one_error_line(path, assets, tmp_
         code, _, err = run(argv, capsys)
         assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error:"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_overwrite_leaves_no_weights_of_the_model_it_replaces(assets, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier, sharded model
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        (out / name).write_text("old")
+    (out / "notes.txt").write_text("mine")
+    args = ["prune", assets["model"], "--ratio", "0.5", "--out", out, "--sample-text", assets["text"], "--overwrite"]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "notes.txt" in names and not any(n.startswith("model-0") for n in names)
+    assert "model.safetensors.index.json" not in names
+    from gateskip.loading import load_model
+
+    model, _ = load_model(str(out))
+    assert model.config.num_hidden_layers == 1

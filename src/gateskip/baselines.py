@@ -44,7 +44,7 @@ from .gates import GateBank
 from .model import decoder_layers, is_gated
 from .plan import SkipPlan
 from .stats import SkipStats
-from .files import atomic_folder
+from .files import MODEL_WEIGHTS, atomic_folder
 from .validate import check_output_folder, existing_file, output_path
 
 METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
 
     removed = least_influential(model, encode_batch(tokenizer, sample_texts(args.sample_text), 256), count)
     remove_layers(model, removed)
-    with atomic_folder(args.out) as folder:  # written whole beside --out, then moved in (config.json last)
+    with atomic_folder(args.out, stale=MODEL_WEIGHTS) as folder:  # written whole beside --out, then moved in (config.json last)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / PRUNED).write_text(json.dumps({"source": args.model, "removed_layers": sorted(removed)}))

@@ -115,11 +115,15 @@ def write_json(path: str | os.PathLike, data: Any, **dump_kwargs) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, stale: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary folder beside `path` to write a whole output folder into. When the block ends
     without error, a new `path` is the temporary folder renamed; into an existing one its files are
     moved one by one (each an atomic rename), config.json and gate files last, so `path` never holds
-    a config without the weights it names. On error the temporary folder is removed."""
+    a config without the weights it names. On error the temporary folder is removed.
+
+    stale: glob patterns of files in an existing `path` that belong to what is replaced (a saved
+    model's weight shards and their index): those the new folder does not have are removed before
+    config.json moves in, as save_pretrained cleans a folder it saves into."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,15 +137,27 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
         else:
             files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name in LAST, str(p)))
+            new = {f.relative_to(tmp) for f in files}
+            old = {p for pattern in stale for p in path.glob(pattern) if p.is_file() and p.relative_to(path) not in new}
             for f in files:
+                if f.name in LAST:  # the old weights leave before the config that names the new ones arrives
+                    for gone in old:
+                        gone.unlink(missing_ok=True)
+                    old = set()
                 dest = path / f.relative_to(tmp)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(f, _mode_for(dest))
                 os.replace(f, dest)
+            for gone in old:
+                gone.unlink(missing_ok=True)
     except WRITE_ERRORS as e:
         raise _failed(path, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What a saved model's weights are: removed from a folder a new model replaces (atomic_folder's stale).
+MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 @contextlib.contextmanager
