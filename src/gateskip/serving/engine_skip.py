@@ -15,7 +15,8 @@ import time
 from dataclasses import replace
 
 import torch
-
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 
 from ..config import GateConfig
@@ -29,6 +30,8 @@ log = init_logger("vllm.gateskip")  # under vLLM's logger: its handlers and form
 
 
 class EngineSkip:
+    """The gates (fp32, a GateBank), the target's budget and the counts of one engine's worker."""
+
     def __init__(self, spec: EngineSpec, hf_config):
         self.spec = spec
         self.bank = load_bank(spec.gates)
@@ -48,6 +51,7 @@ class EngineSkip:
         return self.bank.get("attn", layer) is not None and self.plan.budget.fixed(key) is False
 
     def kv_less(self) -> set[int]:
+        """Layers whose attention module has no KV cache in this engine."""
         return {i for i in range(self.bank.num_layers) if self.removes_attention(i)}
 
     def context(self, positions: torch.Tensor) -> ForwardContext:
@@ -111,15 +115,11 @@ def engine_flops(stats: SkipStats, dims: ModelDims, gate_config: GateConfig, kv_
 
 def _in_real_step() -> bool:
     """Whether this forward serves requests (vLLM's dummy runs carry no attention metadata)."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
     return is_forward_context_available() and get_forward_context().attn_metadata is not None
 
 
 def _is_first_rank() -> bool:
     """One writer per engine: tensor-parallel ranks make the same decisions."""
-    from vllm.distributed import get_tensor_model_parallel_rank
-
     try:
         return get_tensor_model_parallel_rank() == 0
     except (AssertionError, RuntimeError):  # no parallel group set up

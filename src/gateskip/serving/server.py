@@ -79,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_spec(args.model)
     spec = resolve(folder, args.gates, args.budget)
     check_port(args.host, args.port)
+    workdir = tempfile.TemporaryDirectory(prefix="gateskip-serve-")  # removed when the server stops
     if spec is not None:
-        metrics = Path(tempfile.mkdtemp(prefix="gateskip-serve-")) / "skip.json"
-        spec = replace(spec, metrics_file=str(metrics), log_interval=args.log_interval)
+        spec = replace(spec, metrics_file=str(Path(workdir.name) / "skip.json"), log_interval=args.log_interval)
     argv = vllm_argv(folder, spec, args, list(getattr(args, "extra", [])))
     engine_setup()
     import uvloop
@@ -96,5 +96,6 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None:
         register_collector(spec.metrics_file)
     print(f"gateskip serve: {describe(spec)}; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvloop.run(run_server(server_args))
+    with workdir:
+        uvloop.run(run_server(server_args))
     return 0
