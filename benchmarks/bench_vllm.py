@@ -8,7 +8,8 @@ candidate runs in turn: its engine is built (eager, fp32, prefix caching off so 
 rounds recompute everything; one engine in memory at a time), it runs every workload once
 untimed, then --rounds timed rounds, and the median is kept. Stock vLLM runs first and again
 last: the gap between the two is the drift of the machine over the run. Prints tokens/s, the ratio to stock vLLM, and for gated rows the net
-FLOP saving and the ratio of the speedup to the ideal 1 / (1 - net saving).
+FLOP saving (of the decoder layers, and with the LM head of the tokens whose logits are computed)
+and the ratio of the speedup to the ideal 1 / (1 - net saving) for each.
 
 The net saving of a gated vLLM row is what the engine computes (serving.engine_skip.engine_flops:
 partly skipped attention saves only o_proj there), from gateskip's decoder's counts on the same
@@ -108,7 +109,7 @@ def main() -> None:
         alloc = model.gate_bank.allocations[f"{t:g}"]["ratios"]
         kv_less = {i for i in range(dims.layers) if alloc.get(f"attn.{i}") == 1.0}
         engine_parts = [engine_flops(s, dims, model.gate_bank.config, kv_less) for s in (g.prefill, g.decode)]
-        saving[(w, t)] = (combine(*engine_parts).net_saving, reports(model, g.prefill, g.decode)["generation"].net_saving)
+        saving[(w, t)] = (combine(*engine_parts), reports(model, g.prefill, g.decode)["generation"])
 
     times: dict[tuple[str, str], list[float]] = {}
     for name, (make, fn) in candidates.items():
@@ -133,26 +134,33 @@ def main() -> None:
 
     rows = []
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, median of {args.rounds} rounds")
+          f"{torch.get_num_threads()}, VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}, "
+          f"median of {args.rounds} rounds")
+    print("net saving: of the decoder layers (gate cost included); +head: with the LM head of the tokens whose logits "
+          "are computed; ideal = 1 / (1 - saving); of ideal = (speedup over stock vLLM) / ideal")
     for w, (ids, new) in work.items():
         n_tokens = ids.numel() if new == 1 else ids.shape[0] * new
+        head = ids.shape[0] * new * dims.head_per_token  # logits: one per prompt in prefill, then one per step
         stock = statistics.median(times[(w, "stock vLLM")] + times[(w, "stock vLLM (again)")])
         print(f"\n{w}: {n_tokens} tokens ({'prompt' if new == 1 else 'generated'})")
-        print(f"{'candidate':<22} {'tok/s':>8} {'vs stock':>9} {'net saving':>11} {'ideal':>6} {'of ideal':>9}")
+        print(f"{'candidate':<22} {'tok/s':>8} {'vs stock':>9} {'saving':>7} {'of ideal':>9} {'+head':>6} {'of ideal':>9}")
         for name in candidates:
             sec = statistics.median(times[(w, name)])
             t = float(name.rsplit(" ", 1)[1]) if "gated" in name or "decoder" in name else None
-            engine_s, decoder_s = saving.get((w, t), (None, None))
-            s = engine_s if "vLLM" in name else decoder_s
+            flops = saving.get((w, t), (None, None))[0 if "vLLM" in name else 1]
             row = {"workload": w, "candidate": name, "seconds": sec, "tokens_per_s": n_tokens / sec,
-                   "vs_stock": stock / sec, "net_saving": s}
+                   "vs_stock": stock / sec}
             line = f"{name:<22} {n_tokens / sec:8.1f} {stock / sec:8.2f}x"
-            if s is not None and t and "vLLM" in name:  # the engine's speedup over stock vLLM against its ideal
-                ideal = 1 / (1 - s)
-                row |= {"ideal": ideal, "of_ideal": stock / sec / ideal}
-                line += f" {100 * s:10.1f}% {ideal:6.2f} {stock / sec / ideal:9.2f}"
-            elif s:
-                line += f" {100 * s:10.1f}%"
+            if flops is not None:
+                layers = flops.net_saving
+                with_head = (flops.skipped_flops - flops.gate_flops) / (flops.dense_flops + head)
+                row |= {"net_saving": layers, "net_saving_with_head": with_head}
+                line += f" {100 * layers:6.1f}%"
+                if "vLLM" in name:  # the engine's speedup over stock vLLM against its ideals
+                    row |= {"of_ideal": stock / sec * (1 - layers), "of_ideal_with_head": stock / sec * (1 - with_head)}
+                    line += f" {stock / sec * (1 - layers):9.2f} {100 * with_head:5.1f}% {stock / sec * (1 - with_head):9.2f}"
+                else:
+                    line += f" {'':9} {100 * with_head:5.1f}%"
             rows.append(row)
             print(line)
     if args.out:
