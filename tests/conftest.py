@@ -7,6 +7,8 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -16,19 +18,23 @@ torch.set_num_threads(1)
 VOCAB = 101
 
 
-def tiny_model(family: str = "llama", seed: int = 0):
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    """A random model of `family`; overrides change its config (e.g. a width vLLM's kernels take)."""
     torch.manual_seed(seed)
     common = dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
-    )
+    ) | overrides
     if family == "llama":
         cfg, cls = LlamaConfig(**common), LlamaForCausalLM
     elif family == "qwen2":
         cfg, cls = Qwen2Config(**common), Qwen2ForCausalLM
+    elif family == "mistral":
+        cfg, cls = MistralConfig(**common), MistralForCausalLM
     elif family == "gemma3":
-        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-        cls = Gemma3ForCausalLM
+        gemma = dict(head_dim=common["hidden_size"] // 4, sliding_window=8,
+                     layer_types=["sliding_attention", "sliding_attention", "full_attention"]) | common
+        cfg, cls = Gemma3TextConfig(**gemma), Gemma3ForCausalLM
     else:
         raise ValueError(family)
     cfg._attn_implementation = "sdpa"

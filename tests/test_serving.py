@@ -1,7 +1,7 @@
 """gateskip.serving: gated models inside eager vLLM engines (fp32, CPU), against stock vLLM and
 gateskip's own decoder under the same thresholds.
 
-Tiny random Llama, Qwen2 and Gemma3 models (head size 32, the CPU attention kernel's smallest) with
+Tiny random Llama, Mistral, Qwen2 and Gemma3 models (head size 32, the CPU attention kernel's smallest) with
 unit gates and one allocation that removes an attention module, removes an MLP, leaves one
 whole and skips part of the others. Each engine takes ~15-20 s to start on 2 cores.
 """
@@ -10,15 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from conftest import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
 from vllm import LLM, SamplingParams
 
 from gateskip import GateConfig, add_gates, load_gates
@@ -26,23 +19,16 @@ from gateskip.calibrate import calibrate_allocation
 from gateskip.decoding import decode
 from gateskip.serving import gated_llm, skip_report
 
-VOCAB, LAYERS, NEW = 101, 3, 12
+LAYERS, NEW = 3, 12
 RATIOS = {"attn.0": 0.5, "mlp.0": 0.4, "attn.1": 1.0, "mlp.1": 0.0, "attn.2": 0.3, "mlp.2": 1.0}
 PROMPTS = [[5, 17, 33, 2, 9, 41, 77, 12, 64, 3, 28], [3, 8], [44, 45, 46, 47, 48, 11, 90]]
 ENGINE = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=256, seed=0)
 
 
 def build(folder, family: str) -> tuple[str, str]:
-    """A tiny random model saved twice: plain (base/) and with gates and an allocation (gated/)."""
-    torch.manual_seed(0)
-    common = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False)
-    if family == "gemma3":  # sliding windows on two of three layers, QK norms, post-branch norms
-        cfg, cls = Gemma3TextConfig(**common, head_dim=32, sliding_window=8,
-                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]), Gemma3ForCausalLM
-    else:
-        cfg, cls = (LlamaConfig(**common), LlamaForCausalLM) if family == "llama" else (Qwen2Config(**common), Qwen2ForCausalLM)
-    model = cls(cfg).eval()
+    """A tiny random model saved twice: plain (base/) and with gates and an allocation (gated/).
+    (Gemma3: sliding windows on two of its three layers, QK norms, post-branch norms.)"""
+    model = tiny_model(family, hidden_size=128, intermediate_size=192, tie_word_embeddings=False)
     model.save_pretrained(folder / "base")
     add_gates(model, GateConfig(kind="lowrank", rank=8, application="unit", skip_bos=False, init_std=0.3, init_bias=0.0))
     allocations = {"0.3": {"ratios": dict(RATIOS), "saving": 0.3}}
@@ -61,7 +47,7 @@ def small_engines(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gemma3"])
 def tiny(request, tmp_path_factory):
     return build(tmp_path_factory.mktemp(request.param), request.param)
 
