@@ -37,7 +37,8 @@ from gateskip.generation import combine, reports
 from gateskip.loading import resolve_spec
 from gateskip.model import load_gates
 from gateskip.serving import gated_llm
-from gateskip.serving.engine_skip import engine_flops
+from gateskip.serving.engine_skip import engine_flops, kv_less
+from gateskip.serving.spec import engine_budget
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden press adapted from those used for wine. ")
@@ -106,9 +107,8 @@ def main() -> None:
     dims, saving = ModelDims.from_config(model.config), {}
 
     def record_saving(w: str, t: float, g) -> None:
-        alloc = model.gate_bank.allocations[f"{t:g}"]["ratios"]
-        kv_less = {i for i in range(dims.layers) if alloc.get(f"attn.{i}") == 1.0}
-        engine_parts = [engine_flops(s, dims, model.gate_bank.config, kv_less) for s in (g.prefill, g.decode)]
+        removed = kv_less(model.gate_bank, engine_budget(model.gate_bank, t))
+        engine_parts = [engine_flops(s, dims, model.gate_bank.config, removed) for s in (g.prefill, g.decode)]
         saving[(w, t)] = (combine(*engine_parts), reports(model, g.prefill, g.decode)["generation"])
 
     times: dict[tuple[str, str], list[float]] = {}

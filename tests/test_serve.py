@@ -25,7 +25,8 @@ from gateskip.decoding import decode
 from gateskip.flops import ModelDims
 from gateskip.generation import combine
 from gateskip.model import load_gates
-from gateskip.serving.engine_skip import engine_flops
+from gateskip.serving.engine_skip import engine_flops, kv_less
+from gateskip.serving.spec import engine_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 GATES = ROOT / "gates" / "smollm2-135m-unit"
@@ -133,14 +134,13 @@ def test_the_server_answers_with_the_decoders_tokens_and_counts(tmp_path):
 
     model, _ = load_model("smollm2-135m")
     load_gates(model, GATES)
-    ratios = model.gate_bank.allocations[f"{target:g}"]["ratios"]
-    kv_less = {i for i in range(30) if ratios.get(f"attn.{i}") == 1.0}
+    removed = kv_less(model.gate_bank, engine_budget(model.gate_bank, target))
     dims, counts, flops = ModelDims.from_config(model.config), {}, []
     for prompt, answer in served:
         g = decode(model, torch.tensor([prompt]), budget=target, max_new_tokens=len(answer))
         assert g.sequences[0, len(prompt):].tolist() == answer
         for stats in (g.prefill, g.decode):
-            flops.append(engine_flops(stats, dims, model.gate_bank.config, kv_less))
+            flops.append(engine_flops(stats, dims, model.gate_bank.config, removed))
             for key, c in stats.modules().items():
                 counts.setdefault(key, [0, 0])
                 counts[key][0] += c.seen

@@ -379,16 +379,9 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
     beside the gate file (a LoRA run's export) is merged into the backbone first (gateskip.adapters)."""
     meta, tensors = read_gate_file(path)
     check_supported(model)
-    target, model_type = _gate_file(path), model.config.model_type
-    saved_type = meta.get("model_type")  # absent from files written before it was recorded
-    if saved_type is not None and saved_type != model_type:
-        raise GateSkipError(f"gate file {target} was made for a {saved_type} model, but this model is {model_type}")
+    target = _gate_file(path)
     n_layers, width = len(decoder_layers(model)), model.config.hidden_size
-    if (meta["num_layers"], meta["hidden_size"]) != (n_layers, width):
-        raise GateSkipError(
-            f"gate file {target} was made for {meta['num_layers']} layers of width {meta['hidden_size']}, "
-            f"but this model has {n_layers} layers of width {width}"
-        )
+    check_gates_fit(meta, model.config.model_type, n_layers, width, target)
     config = GateConfig.from_dict(meta["gate_config"])
     allocations = meta.get("allocations", {})
     check_allocation_modules(allocations, GateBank(n_layers, width, config).module_keys(), str(target))
@@ -405,6 +398,18 @@ def load_gates(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedMod
     model.gate_bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}
     model.gate_bank.allocations = {k: dict(v) for k, v in allocations.items()}
     return model
+
+
+def check_gates_fit(meta: dict, model_type: str, n_layers: int, width: int, where) -> None:
+    """Gates made for another model (type, layer count or width) are refused in one line."""
+    saved_type = meta.get("model_type")  # absent from files written before it was recorded
+    if saved_type is not None and saved_type != model_type:
+        raise GateSkipError(f"gate file {where} was made for a {saved_type} model, but this model is {model_type}")
+    if (meta["num_layers"], meta["hidden_size"]) != (n_layers, width):
+        raise GateSkipError(
+            f"gate file {where} was made for {meta['num_layers']} layers of width {meta['hidden_size']}, "
+            f"but this model has {n_layers} layers of width {width}"
+        )
 
 
 def check_allocation_modules(allocations: dict, module_keys: list[str], where: str) -> None:

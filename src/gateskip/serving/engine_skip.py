@@ -21,10 +21,11 @@ from vllm.logger import init_logger
 
 from ..config import GateConfig
 from ..flops import FlopReport, ModelDims, flop_report
+from ..gates import GateBank
 from ..plan import ForwardContext, SkipPlan
 from ..stats import SkipStats
 from .metrics import write_report
-from .spec import EngineSpec, check_fits, engine_budget, load_bank
+from .spec import EngineSpec, engine_budget, load_bank
 
 log = init_logger("vllm.gateskip")  # under vLLM's logger: its handlers and format, in every process
 
@@ -34,25 +35,16 @@ class EngineSkip:
 
     def __init__(self, spec: EngineSpec, hf_config):
         self.spec = spec
-        self.bank = load_bank(spec.gates)
-        check_fits(self.bank, hf_config, spec.gates)
+        self.bank = load_bank(spec.gates, hf_config)
         self.stats = SkipStats()
         self.plan = SkipPlan(budget=engine_budget(self.bank, spec.target), stats=self.stats)
+        self.kv_less = kv_less(self.bank, self.plan.budget)  # layers whose attention has no KV cache here
         self.protect_first = not self.bank.config.skip_bos
         self.dims = ModelDims.from_config(hf_config)
         self.lock = threading.Lock()
         if spec.log_interval and _is_first_rank():
             threading.Thread(target=self._publish_every, args=(spec.log_interval,), daemon=True,
                              name="gateskip-metrics").start()
-
-    def removes_attention(self, layer: int) -> bool:
-        """Whether the target removes this attention module for every token it may skip."""
-        key = f"attn.{layer}"
-        return self.bank.get("attn", layer) is not None and self.plan.budget.fixed(key) is False
-
-    def kv_less(self) -> set[int]:
-        """Layers whose attention module has no KV cache in this engine."""
-        return {i for i in range(self.bank.num_layers) if self.removes_attention(i)}
 
     def context(self, positions: torch.Tensor) -> ForwardContext:
         """The ForwardContext of one step over vLLM's flattened tokens (one row of N): every token is
@@ -72,7 +64,7 @@ class EngineSkip:
     def report(self) -> dict:
         """(Under `lock` where a publishing thread runs.) Counts so far and what they come to (FLOPs of the
         decoder layers as this engine spends them, gates included: engine_flops)."""
-        flops = engine_flops(self.stats, self.dims, self.bank.config, self.kv_less())
+        flops = engine_flops(self.stats, self.dims, self.bank.config, self.kv_less)
         modules = {k: [c.seen, c.skipped] for k, c in self.stats.modules().items()}
         return {"target": self.spec.target, "tokens": flops.tokens, "skip_fraction": flops.paper_fraction,
                 "net_saving": flops.net_saving, "net_saving_with_head": flops.net_saving_with_head, "modules": modules}
@@ -90,6 +82,12 @@ class EngineSkip:
                      100 * report["skip_fraction"], 100 * report["net_saving"], 100 * report["net_saving_with_head"])
             if self.spec.metrics_file:
                 write_report(self.spec.metrics_file, report)
+
+
+def kv_less(bank: GateBank, budget) -> set[int]:
+    """Layers whose gated attention module the budget removes for every token it may skip: no query
+    of the module reads keys, so the engine gives it no KV cache."""
+    return {i for i in range(bank.num_layers) if bank.get("attn", i) is not None and budget.fixed(f"attn.{i}") is False}
 
 
 def engine_flops(stats: SkipStats, dims: ModelDims, gate_config: GateConfig, kv_less: set[int]) -> FlopReport:

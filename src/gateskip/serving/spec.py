@@ -22,7 +22,7 @@ from ..calibrate import threshold_budget
 from ..config import GateConfig
 from ..errors import GateSkipError
 from ..gates import GateBank
-from ..model import GATE_FILE, SUPPORTED_MODEL_TYPES, _gate_file, check_allocation_modules, read_gate_file
+from ..model import GATE_FILE, SUPPORTED_MODEL_TYPES, _gate_file, check_allocation_modules, check_gates_fit, read_gate_file
 
 TARGET_ENV = "GATESKIP_TARGET"
 CONFIG_KEY = "gateskip"  # the attribute of the model's config that carries the spec
@@ -65,16 +65,21 @@ def env_target() -> float:
         raise GateSkipError(f"{TARGET_ENV}={raw!r} is not a net-saving target in [0, 1]") from None
 
 
-def load_bank(gates: str | os.PathLike) -> GateBank:
-    """The GateBank of a gate file (fp32, on the CPU), with its thresholds and allocations."""
+def load_bank(gates: str | os.PathLike, hf_config) -> GateBank:
+    """The GateBank of a gate file (fp32, on the CPU), with its thresholds and allocations, after
+    checking that the gates were made for this model (hf_config) and that vLLM's engine serves it."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:  # vLLM runs Mistral as Llama; Qwen2 and Gemma3 have their own classes
+        raise GateSkipError(f"gateskip's vLLM engine serves {', '.join(SUPPORTED_MODEL_TYPES)} models, "
+                            f"not {model_type!r}")
     meta, tensors = read_gate_file(gates)
-    config = GateConfig.from_dict(meta["gate_config"])
-    bank = GateBank(meta["num_layers"], meta["hidden_size"], config)
-    check_allocation_modules(meta.get("allocations", {}), bank.module_keys(), str(_gate_file(gates)))
+    where = str(_gate_file(gates))
+    check_gates_fit(meta, model_type, hf_config.num_hidden_layers, hf_config.hidden_size, where)
+    bank = GateBank(meta["num_layers"], meta["hidden_size"], GateConfig.from_dict(meta["gate_config"]))
+    check_allocation_modules(meta.get("allocations", {}), bank.module_keys(), where)
     bank.load_state_dict(tensors, strict=True)
     bank.thresholds = {k: dict(v) for k, v in meta.get("thresholds", {}).items()}
     bank.allocations = {k: dict(v) for k, v in meta.get("allocations", {}).items()}
-    bank.model_type = meta.get("model_type")
     return bank.float().eval()
 
 
@@ -86,21 +91,6 @@ def engine_budget(bank: GateBank, target: float) -> AllocationBudget | Threshold
     if bank.allocations:
         return allocation_budget(bank, target, decoding=True)
     return threshold_budget(bank, target)
-
-
-def check_fits(bank: GateBank, hf_config, where: str) -> None:
-    """Gates made for another model are refused in one line, before weights load."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:  # vLLM runs Mistral as Llama; Qwen2 and Gemma3 have their own classes
-        served = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise GateSkipError(f"gateskip's vLLM engine serves {served} models, not {model_type!r}")
-    saved = getattr(bank, "model_type", None)
-    if saved is not None and saved != model_type:
-        raise GateSkipError(f"gate file {where} was made for a {saved} model, but this model is {model_type}")
-    shape = (hf_config.num_hidden_layers, hf_config.hidden_size)
-    if (bank.num_layers, bank.hidden_size) != shape:
-        raise GateSkipError(f"gate file {where} was made for {bank.num_layers} layers of width {bank.hidden_size}, "
-                            f"but this model has {shape[0]} layers of width {shape[1]}")
 
 
 def resolve(model_folder: str, gates: str | os.PathLike | None, target: float) -> EngineSpec | None:
@@ -118,11 +108,8 @@ def resolve(model_folder: str, gates: str | os.PathLike | None, target: float) -
         if check_ratio(target) > 0:
             raise GateSkipError(f"target {target:g} needs gates: {model_folder} holds no {GATE_FILE}; pass --gates PATH")
         return None
-    where = str(_gate_file(gates))
-    bank = load_bank(gates)
-    check_fits(bank, hf_config, where)
-    engine_budget(bank, target)  # a target with no stored allocation is refused here
-    return EngineSpec(str(Path(where).resolve()), float(target))
+    engine_budget(load_bank(gates, hf_config), target)  # a target with no stored allocation is refused here
+    return EngineSpec(str(_gate_file(gates).resolve()), float(target))
 
 
 def overrides(spec: EngineSpec | None) -> dict:

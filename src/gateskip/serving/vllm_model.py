@@ -117,7 +117,7 @@ class GatedForCausalLM:
         self.gate_bank = self.skip.bank  # a submodule: moves with the model, loaded in load_weights
         for i, layer in enumerate(self.model.layers):
             check_layer(layer)
-            if self.skip.removes_attention(i):  # no query of this module ever reads keys: no KV cache for it
+            if i in self.skip.kv_less:  # no query of this module ever reads keys: no KV cache for it
                 name = layer.self_attn.attn.layer_name
                 del vllm_config.compilation_config.static_forward_context[name]
                 layer.self_attn.attn = None
@@ -139,6 +139,8 @@ class GatedForCausalLM:
         if self.skip is None:
             return super().load_weights(weights)
         loaded = super().load_weights((n, w) for n, w in weights if not n.startswith("gates."))
+        # Loaded again here, not only when the bank was built: vLLM builds models under its dtype (bf16
+        # rounds fp32 gates) and device contexts (a meta device keeps no values); the bank is fp32 now.
         _, tensors = read_gate_file(self.skip.spec.gates)
         self.gate_bank.load_state_dict(tensors, strict=True)
         return set(loaded) | {f"gate_bank.{k}" for k in self.gate_bank.state_dict()}
