@@ -22,10 +22,11 @@ import time
 import torch
 
 from gateskip import GateConfig, add_gates, load_gates
-from gateskip.calibrate import calibrate, sample_tokens
-from gateskip.generation import generate, reports
+from gateskip.inference.calibrate import calibrate, sample_tokens
+from gateskip.inference.contract import reports
+from gateskip.inference.generation import generate
 from gateskip.loading import load_model
-from gateskip.speculative import speculative_generate
+from gateskip.inference.speculative import speculative_generate
 
 PROMPTS = [
     "The history of the printing press begins",

@@ -19,8 +19,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gateskip import GateConfig, SkipPlan, SkipStats, add_gates
-from gateskip.flops import ModelDims, flop_report
-from gateskip.timing import time_interleaved
+from gateskip.core.flops import ModelDims, flop_report
+from gateskip.inference.timing import time_interleaved
 
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

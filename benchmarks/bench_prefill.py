@@ -22,7 +22,7 @@ import torch
 
 from gateskip import GateConfig, ModelDims, SkipPlan, SkipStats, add_gates, flop_report, remove_gates
 from gateskip.loading import load_model
-from gateskip.timing import time_interleaved
+from gateskip.inference.timing import time_interleaved
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     """Time `args.steps` optimizer steps (after one warm-up step) of one variant in this process."""
     from gateskip import GateConfig, add_gates
     from gateskip.loading import load_model
-    from gateskip.textdata import BUNDLED, Blocks, build_blocks
-    from gateskip.train import TrainConfig, loss_terms, param_groups
+    from gateskip.data.textdata import BUNDLED, Blocks, build_blocks
+    from gateskip.training import TrainConfig
+    from gateskip.training.loop import loss_terms, param_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

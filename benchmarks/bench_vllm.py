@@ -31,11 +31,11 @@ import time
 import torch
 
 from gateskip import load_model
-from gateskip.decoding import decode
-from gateskip.flops import ModelDims
-from gateskip.generation import combine, reports
+from gateskip.inference.decoding import decode
+from gateskip.core.flops import ModelDims
+from gateskip.inference.contract import combine, reports
 from gateskip.loading import resolve_spec
-from gateskip.model import load_gates
+from gateskip.core.model import load_gates
 from gateskip.serving import gated_llm
 from gateskip.serving.engine_skip import engine_flops, kv_less
 from gateskip.serving.spec import engine_budget

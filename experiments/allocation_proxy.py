@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from gateskip import ModelDims, QuantileBudget, SkipPlan, SkipStats, ThresholdBudget, flop_report
-from gateskip.baselines import make_method
-from gateskip.calibrate import calibrate, sample_tokens, threshold_budget
+from gateskip.search.baselines import make_method
+from gateskip.inference.calibrate import calibrate, sample_tokens, threshold_budget
 from val_loss import held_out  # experiments/ is on the path when this script runs
 
 

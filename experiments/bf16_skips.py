@@ -3,7 +3,7 @@
     python experiments/bf16_skips.py [--gates gates/smollm2-135m-lowrank-qa]
 
 On the bundled SmolLM2 and 2 x 128 tokens of the bundled text: for every module, the 25 % of
-tokens with the lowest importance in one forward without skipping (gateskip.analysis.collect),
+tokens with the lowest importance in one forward without skipping (gateskip.evaluation.analysis.collect),
 in fp32 and in bf16; prints the share of those tokens that differ. Without --gates: fresh,
 untrained low-rank gates (seed 0), whose importances are nearly tied.
 """
@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from gateskip import GateConfig, add_gates, load_gates, load_model
-from gateskip.analysis import collect, sample_sequences
+from gateskip.data.samples import sample_sequences
+from gateskip.evaluation.analysis import collect
 
 
 def lowest(importance: torch.Tensor, share: float) -> torch.Tensor:

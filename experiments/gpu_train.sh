@@ -29,7 +29,7 @@ declare -A variant=(
     [vector]="--gate-kind vector --sparsity-weight 0.1"
 )
 for name in "${!variant[@]}"; do
-    $PY -m gateskip.train "${common[@]}" ${variant[$name]} --out /tmp/runs/$name > /tmp/runs-$name.log 2>&1 &
+    $PY -m gateskip.training "${common[@]}" ${variant[$name]} --out /tmp/runs/$name > /tmp/runs-$name.log 2>&1 &
 done
 wait
 nvidia-smi --query-gpu=name,memory.used --format=csv || true

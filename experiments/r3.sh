@@ -9,7 +9,7 @@ G=.venv/bin/gateskip
 mkdir -p runs/logs
 
 # 1. Training text with no evaluation items, and a held-out split for the proxy.
-.venv/bin/python -m gateskip.corpus runs/data/gate_train.jsonl.gz --heldout runs/data/gate_heldout.jsonl.gz
+.venv/bin/python -m gateskip.data.corpus runs/data/gate_train.jsonl.gz --heldout runs/data/gate_heldout.jsonl.gz
 
 # 2a. Unit gates, influence objective (forward only), 30 minutes.
 $G train smollm2-135m --data runs/data/gate_train.jsonl.gz --out runs/infl-r16 --mode frozen --objective influence \

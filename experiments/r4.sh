@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 G=.venv/bin/gateskip
 mkdir -p runs/logs docs/results/experiment-r4
 test -f runs/data/gate_train.jsonl.gz || \
-  .venv/bin/python -m gateskip.corpus runs/data/gate_train.jsonl.gz --heldout runs/data/gate_heldout.jsonl.gz
+  .venv/bin/python -m gateskip.data.corpus runs/data/gate_train.jsonl.gz --heldout runs/data/gate_heldout.jsonl.gz
 
 # 1. Train under the allocations for 10, 20 and 30 % (one per step in turn), 40 minutes.
 $G train smollm2-135m --data runs/data/gate_train.jsonl.gz --out runs/alloc-e2e --mode frozen \

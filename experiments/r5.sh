@@ -27,7 +27,7 @@ D=docs/results/experiment-r5
 TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 mkdir -p $R $D
-test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+test -f $TRAIN || .venv/bin/python -m gateskip.data.corpus $TRAIN --heldout $HELDOUT
 half() { case "$1" in a) echo hellaswag ;; b) echo arc_easy,arc_challenge,winogrande,piqa ;; esac; }
 EVAL="$G eval smollm2-135m --gates gates/smollm2-135m-unit --limit 500 --batch-size 16"
 case "${1:-}" in

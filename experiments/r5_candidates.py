@@ -13,11 +13,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gateskip.allocation import allocation_budget, kl_to_base
-from gateskip.calibrate import sample_tokens
+from gateskip.inference.calibrate import allocation_budget
+from gateskip.search.allocation import kl_to_base
+from gateskip.inference.calibrate import sample_tokens
 from gateskip.loading import load_model
-from gateskip.model import load_gates
-from gateskip.plan import SkipPlan
+from gateskip.core.model import load_gates
+from gateskip.core.plan import SkipPlan
 
 torch.set_num_threads(1)
 model, tokenizer = load_model("smollm2-135m")

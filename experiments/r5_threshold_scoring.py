@@ -10,7 +10,7 @@ with quantiles the choices of one question skip different context tokens. Same a
 """
 import sys
 
-import gateskip.baselines as baselines
+import gateskip.search.baselines as baselines
 from gateskip.cli import main
 
 quantile_plans = baselines.Method.plans

@@ -22,7 +22,7 @@ TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 TASKS=arc_easy,arc_challenge,piqa,hellaswag,winogrande
 mkdir -p $R $D
-test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+test -f $TRAIN || .venv/bin/python -m gateskip.data.corpus $TRAIN --heldout $HELDOUT
 case "${1:-}" in
   paper)
     # Soft gates trained on round 2's text, which holds HellaSwag and WinoGrande validation

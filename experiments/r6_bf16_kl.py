@@ -11,13 +11,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gateskip.allocation import mean_kl
-from gateskip.baselines import least_influential
-from gateskip.budget import AllocationBudget
-from gateskip.calibrate import sample_tokens
+from gateskip.search.allocation import mean_kl
+from gateskip.search.saturation import least_influential
+from gateskip.core.budget import AllocationBudget
+from gateskip.inference.calibrate import sample_tokens
 from gateskip.loading import load_model
-from gateskip.model import load_gates
-from gateskip.plan import SkipPlan
+from gateskip.core.model import load_gates
+from gateskip.core.plan import SkipPlan
 
 model, tokenizer = load_model("smollm2-135m")
 load_gates(model, "gates/smollm2-135m-unit")

@@ -20,7 +20,7 @@ P6=docs/results/experiment-r6
 TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 mkdir -p $R $D
-test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+test -f $TRAIN || .venv/bin/python -m gateskip.data.corpus $TRAIN --heldout $HELDOUT
 case "${1:-}" in
   refine-25|refine-30)
     # From the shipped (round 6) allocation at 25 or 30 %, on the same 16 x 64 tokens round 6

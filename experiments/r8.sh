@@ -21,7 +21,7 @@ P6=docs/results/experiment-r6
 TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 mkdir -p $R $D
-test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+test -f $TRAIN || .venv/bin/python -m gateskip.data.corpus $TRAIN --heldout $HELDOUT
 # train_run OUT STEPS SAVE_EVERY FLAG: round 8's training run (both threads, bf16) in OUT
 train_run() {
   OMP_NUM_THREADS=2 $G train smollm2-135m --data $TRAIN --out $1 --mode frozen \

@@ -15,7 +15,7 @@ D=docs/results/speed-r9
 TRAIN=runs/data/gate_train.jsonl.gz
 HELDOUT=runs/data/gate_heldout.jsonl.gz
 mkdir -p $R $D
-test -f $TRAIN || .venv/bin/python -m gateskip.corpus $TRAIN --heldout $HELDOUT
+test -f $TRAIN || .venv/bin/python -m gateskip.data.corpus $TRAIN --heldout $HELDOUT
 case "${1:-}" in
   speed-alloc)
     # For speed only, round 8's search (experiments/r8.sh speed-alloc) into this round's folders:

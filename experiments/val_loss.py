@@ -15,9 +15,9 @@ import argparse
 import torch
 
 from gateskip import ModelDims, SkipStats, flop_report, load_gates, load_model
-from gateskip.baselines import make_method
-from gateskip.calibrate import sample_tokens
-from gateskip.textdata import build_blocks
+from gateskip.search.baselines import make_method
+from gateskip.inference.calibrate import sample_tokens
+from gateskip.data.textdata import build_blocks
 
 
 def held_out(description: str):

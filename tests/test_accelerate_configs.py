@@ -10,7 +10,7 @@ from accelerate.utils import DistributedType, prepare_multi_gpu_env
 from accelerate.utils.dataclasses import get_module_class_from_name
 
 from gateskip import add_gates
-from gateskip.model import decoder_layers
+from gateskip.core.model import decoder_layers
 
 from conftest import tiny_model
 
@@ -63,14 +63,14 @@ def test_multinode_config_marks_its_placeholders():
 
 
 def test_multinode_launch_on_the_second_machine_runs_its_share_of_the_processes():
-    """What `accelerate launch --config_file multinode.yaml --machine_rank 1 -m gateskip.train ...` hands
+    """What `accelerate launch --config_file multinode.yaml --machine_rank 1 -m gateskip.training ...` hands
     torchrun: num_processes is the total, split evenly over the machines; the command line's
     --machine_rank overrides the file's 0."""
     argv = ["--config_file", str(CONFIGS / "multinode.yaml"), "--machine_rank", "1",
-            "-m", "gateskip.train", "smollm2-135m", "--out", "/shared/runs/x"]
+            "-m", "gateskip.training", "smollm2-135m", "--out", "/shared/runs/x"]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     prepare_multi_gpu_env(args)
     total = load("multinode.yaml").num_processes
     assert (int(args.nproc_per_node), int(args.nnodes), args.node_rank) == (total // 2, 2, 1)
     assert args.rdzv_endpoint == "MAIN_MACHINE_IP:29500"
-    assert (args.training_script, args.training_script_args) == ("gateskip.train", argv[-3:])
+    assert (args.training_script, args.training_script_args) == ("gateskip.training", argv[-3:])

@@ -10,12 +10,13 @@ from safetensors.torch import save_file
 from conftest import padded_batch, tiny_model
 from test_model import logits, scramble_gates
 from gateskip import AllocationBudget, GateConfig, GateSkipError, ModelDims, SkipPlan, SkipStats, add_gates, flop_report
-from gateskip.allocation import (allocation_budget, choose, kl_to_base, layer_removal, module_costs, predicted_saving,
+from gateskip.inference.calibrate import allocation_budget
+from gateskip.search.allocation import (choose, kl_to_base, layer_removal, module_costs, predicted_saving,
                                  refine, sample_costs, search, store)
-from gateskip.baselines import least_influential
-from gateskip.calibrate import calibrate_allocation
-from gateskip.model import load_gates, read_gate_file, save_gates
-from gateskip.plan import GateTrace
+from gateskip.search.saturation import least_influential
+from gateskip.inference.calibrate import calibrate_allocation
+from gateskip.core.model import load_gates, read_gate_file, save_gates
+from gateskip.core.plan import GateTrace
 
 UNIT = GateConfig(kind="lowrank", rank=8, application="unit")
 
@@ -159,7 +160,7 @@ def test_refine_exchanges_a_costly_removal_and_meets_the_target():
 def test_refine_can_raise_again_a_module_the_seed_removed(monkeypatch):
     # A give-back of a seed-removed module is measured, so the greedy top-up after it may take
     # that module back up (it is ranked like every other move).
-    import gateskip.allocation as allocation
+    import gateskip.search.allocation as allocation
 
     model, sample = gated(), search_text()
     seed = layer_removal(model, sample, 0.4)
@@ -257,7 +258,7 @@ def test_allocation_budget_validates_ratios():
 
 
 def test_cpu_has_bf16_reads_the_cpu_capabilities(monkeypatch):
-    from gateskip.allocation import cpu_has_bf16
+    from gateskip.search.allocation import cpu_has_bf16
 
     for caps, native in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True), ({"avx2": True}, False)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates
-from gateskip.analysis import (
+from gateskip.evaluation.analysis import (
     CLASSES, PLOTS, STATS, SUMMARY, GateRecord, _layer_ranges, analyze, anchor_finding, class_keep_rates, class_means, classify,
     collect, first_token_rank, token_class,
 )

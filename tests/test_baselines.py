@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import padded_batch, tiny_model
-from gateskip import GateConfig, GateSkipError, ModelDims, SkipStats, add_gates, baselines, flop_report
-from gateskip.baselines import RandomBudget, block_influence, identity_bank, least_influential, make_method, remove_layers
+from gateskip import GateConfig, GateSkipError, ModelDims, SkipStats, add_gates, flop_report
+from gateskip.search import baselines
+from gateskip.search.baselines import RandomBudget, identity_bank, make_method, remove_layers
+from gateskip.search.saturation import block_influence, least_influential
 from gateskip.loading import load_model
 from test_eval_harness import char_tokenizer
 
@@ -166,7 +168,7 @@ def test_baselines_follow_the_gates_first_token_policy_except_shortgpt():
 def test_a_method_gives_the_model_its_own_gates_back():
     from conftest import tiny_model
     from gateskip import add_gates
-    from gateskip.baselines import Method, identity_bank
+    from gateskip.search.baselines import Method, identity_bank
 
     model = add_gates(tiny_model())
     own = model.gate_bank

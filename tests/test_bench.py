@@ -1,9 +1,9 @@
-"""gateskip.bench's decoding rows on a tiny model: the compiled decode step is timed beside the
+"""gateskip.inference.bench's decoding rows on a tiny model: the compiled decode step is timed beside the
 eager one, and every row says whether its tokens equal HF generate's."""
 
 import torch
 
-from gateskip.bench import decode_speed, print_decode, same_text
+from gateskip.inference.bench import decode_speed, print_decode, same_text
 from test_generation import calibrated, random_prompts
 
 torch.set_num_threads(1)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gateskip.budget import QuantileBudget, ThresholdBudget, as_budget
+from gateskip.core.budget import QuantileBudget, ThresholdBudget, as_budget
 from gateskip.errors import GateSkipError
 
 

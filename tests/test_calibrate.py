@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gateskip import GateSkipError, SkipPlan, SkipStats, ThresholdBudget, load_gates, save_gates
-from gateskip.calibrate import calibrate, ratio_key, threshold_budget
+from gateskip.inference.calibrate import calibrate, ratio_key, threshold_budget
 from test_generation import gated_tiny, random_prompts
 
 VOCAB = 5000  # few repeated tokens: repeats tie exactly at the first module
@@ -91,8 +91,8 @@ def test_a_tie_at_the_quantile_puts_the_threshold_between_distinct_values():
     """At the first layer a token's importance depends on its id alone, so repeated tokens tie exactly.
     A threshold on the tied value would leave those tokens on the boundary, where round-off (another
     batch size) flips them (issue 26: a batch decoded other tokens than its rows alone)."""
-    from gateskip.gates import importance
-    from gateskip.plan import GateTrace
+    from gateskip.core.gates import importance
+    from gateskip.core.plan import GateTrace
 
     model = gated_tiny("llama")
     ids = torch.tensor([[5, 7, 9] * 4])  # 12 tokens, three importances at attn.0, four of each

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from gateskip import corpus
+from gateskip.data import corpus
 from gateskip.evaluation.tasks import BUNDLED_TASKS, MMLU_DIR, data_root
-from gateskip.textdata import read_documents
+from gateskip.data.textdata import read_documents
 
 WINDOW = 13      # tokens: longer texts are checked window by window
 ALONE = 8        # tokens a prompt or an answer needs to be checked on its own
@@ -322,7 +322,7 @@ def test_cli_writes_both_files(tmp_path, split, monkeypatch, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    run = subprocess.run([sys.executable, "-m", "gateskip.corpus", "train.txt"], cwd=tmp_path,
+    run = subprocess.run([sys.executable, "-m", "gateskip.data.corpus", "train.txt"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr == "error: train.txt: the output must be a .jsonl or .jsonl.gz file (what gateskip train --data reads)\n"

@@ -1,12 +1,12 @@
-"""The lean decoder (gateskip.decoding) gives HF generate's tokens under the same budget, on
+"""The lean decoder (gateskip.inference.decoding) gives HF generate's tokens under the same budget, on
 every supported family, sliding windows and left-padded batches included; a batch whose rows
 skip different modules runs each module on its kept rows only and equals decoding each row alone."""
 
 import pytest
 import torch
 
-from gateskip.decoding import decode
-from gateskip.generation import generate
+from gateskip.inference.decoding import decode
+from gateskip.inference.generation import generate
 from test_generation import calibrated, random_prompts
 from test_speculative import sliding_window_model
 
@@ -68,7 +68,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_accounting(family):
     """decode(compile=True): each module's dense compute through torch.compile, attention over the
     whole static cache with the unwritten (and out-of-window) positions masked; the decisions stay
     eager. Gemma3: sliding layers (window 8) beside full ones, q/k norms, prompts past the window."""
-    from gateskip.decoding import KERNELS
+    from gateskip.inference.decoding import KERNELS
 
     model = model_for(family)
     cases = [([9], 0.0), ([9], 0.5), ([9, 5], 0.5)] if family == "llama" else [([12], 0.5), ([12, 5], 0.5)]
@@ -83,9 +83,9 @@ def test_compiled_decoding_gives_the_eager_tokens_and_accounting(family):
 
 
 def test_compile_failure_warns_once_and_decodes_eagerly(monkeypatch):
-    import gateskip.decoding
-    from gateskip.compiled import Compiled
-    from gateskip.execution import StepKernels, step_attend, step_keys, step_mlp
+    import gateskip.inference.decoding
+    from gateskip.inference.compiled import Compiled
+    from gateskip.core.execution import StepKernels, step_attend, step_keys, step_mlp
 
     def broken(fn):
         def run(*args):
@@ -93,7 +93,7 @@ def test_compile_failure_warns_once_and_decodes_eagerly(monkeypatch):
         return run
 
     kernels = StepKernels(Compiled(step_keys), Compiled(step_attend), Compiled(step_mlp))
-    monkeypatch.setattr(gateskip.decoding, "KERNELS", kernels)
+    monkeypatch.setattr(gateskip.inference.decoding, "KERNELS", kernels)
     monkeypatch.setattr(torch, "compile", broken)
     model = calibrated("llama")
     ids, _ = random_prompts([9], seed=4)
@@ -111,7 +111,7 @@ def test_removed_attention_writes_no_keys_and_changes_no_token():
     and its tokens still equal HF generate's, which computes them; speculative drafts under it
     stay lossless."""
     from gateskip import AllocationBudget
-    from gateskip.speculative import speculative_generate
+    from gateskip.inference.speculative import speculative_generate
 
     model = calibrated("llama")
     half = model.gate_bank.thresholds["0.5"]

@@ -32,7 +32,7 @@ DOTTED = re.compile(r"^(gateskip(?:\.\w+)+)(\(.*\))?$")
 FILE_SUFFIXES = (".safetensors", ".json", ".jsonl", ".md", ".png", ".yaml")  # file names, not import paths
 # Dataclasses a user configures: each field needs its own explanation.
 FULLY_EXPLAINED = (
-    "gateskip.GateConfig", "gateskip.SkipPlan", "gateskip.train.TrainConfig", "gateskip.QuantileBudget",
+    "gateskip.GateConfig", "gateskip.SkipPlan", "gateskip.training.TrainConfig", "gateskip.QuantileBudget",
     "gateskip.ThresholdBudget", "gateskip.FlopReport", "gateskip.evaluation.Sweep", "gateskip.evaluation.SweepSettings",
 )
 

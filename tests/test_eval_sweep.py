@@ -11,7 +11,7 @@ from datasets import Dataset
 from conftest import tiny_model
 from gateskip import GateConfig, GateSkipError, add_gates, save_gates
 from gateskip.evaluation import cli
-from gateskip.baselines import make_method
+from gateskip.search.baselines import make_method
 from gateskip.evaluation.sweep import FIGURE, RECORD_KEYS, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, run_sweep
 from test_eval_harness import char_tokenizer
 

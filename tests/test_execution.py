@@ -7,7 +7,7 @@ import torch
 
 from conftest import padded_batch, tiny_model
 from gateskip import GateConfig, SkipPlan, add_gates
-from gateskip.tokens import pack_per_sequence
+from gateskip.core.tokens import pack_per_sequence
 from test_model import logits, scramble_gates
 
 torch.set_num_threads(1)

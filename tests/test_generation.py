@@ -6,8 +6,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from gateskip import GateConfig, GateSkipError, QuantileBudget, SkipPlan, SkipStats, add_gates
-from gateskip.calibrate import threshold_budget
-from gateskip.generation import generate, reports
+from gateskip.inference.calibrate import threshold_budget
+from gateskip.inference.contract import reports
+from gateskip.inference.generation import generate
 
 torch.set_num_threads(1)
 VOCAB = 61
@@ -42,7 +43,7 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> tup
 
 
 def calibrated(family: str = "llama", ratios=(0.25, 0.5), seed: int = 0, vocab: int = VOCAB):
-    from gateskip.calibrate import calibrate
+    from gateskip.inference.calibrate import calibrate
 
     model = gated_tiny(family, seed=seed, vocab=vocab)
     model.generation_config.eos_token_id = None  # random models may emit any token; run to max_new_tokens
@@ -195,8 +196,8 @@ def test_generate_without_skipping_is_exactly_hf_generate_on_the_original_model(
 def test_cli_calibrates_and_generates_on_the_bundled_model(tmp_path, capsys):
     import argparse
 
-    from gateskip import calibrate as calibrate_cli
-    from gateskip import generation as generation_cli
+    from gateskip.inference import calibrate as calibrate_cli
+    from gateskip.inference import generation as generation_cli
     from gateskip import save_gates
     from gateskip.loading import load_model
 
@@ -224,7 +225,7 @@ def test_cli_calibrates_and_generates_on_the_bundled_model(tmp_path, capsys):
 def cli_args(tmp_path, *options):
     import argparse
 
-    from gateskip import generation as generation_cli
+    from gateskip.inference import generation as generation_cli
 
     parser = argparse.ArgumentParser()
     generation_cli.register(parser.add_subparsers())
@@ -238,9 +239,9 @@ def skipped(stats):
 @pytest.mark.parametrize("options", [[], ["--sample", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9"],
                                      ["--sample"]])
 def test_cli_decoding_gives_the_tokens_hf_generate_gave(tmp_path, options):
-    """`gateskip generate` decodes with gateskip.decoding; its options give what the HF generate
+    """`gateskip generate` decodes with gateskip.inference.decoding; its options give what the HF generate
     call it replaced gave: greedy, sampling from the same seed, stopping at the model's stop token."""
-    from gateskip.generation import decode_prompt
+    from gateskip.inference.generation import decode_prompt
 
     model = calibrated("llama")
     ids, _ = random_prompts([7], seed=9)
@@ -263,7 +264,7 @@ def test_cli_decoding_gives_the_tokens_hf_generate_gave(tmp_path, options):
 
 
 def test_cli_refuses_generation_options_the_lean_decoder_does_not_apply(tmp_path):
-    from gateskip.generation import decode_prompt
+    from gateskip.inference.generation import decode_prompt
 
     model = calibrated("llama")
     model.generation_config.repetition_penalty = 1.3

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from gateskip import GateConfig, add_gates
-from gateskip.influence import branch_attribution, branch_influence, influence_loss, percentiles
+from gateskip.training.influence import branch_attribution, branch_influence, influence_loss, percentiles
 
 
 def search_text(seed=0):
@@ -34,8 +34,8 @@ def test_influence_objective_trains_gates_to_rank_tokens_by_branch_influence():
 
 def _lm_loss_with_one_output_scaled(model, ids, mask, branch: str, layer: int, token: int, scale: float) -> float:
     """The base model's LM loss with one token's output of one branch multiplied by `scale`."""
-    from gateskip.influence import _output_module
-    from gateskip.layer import branch_norms
+    from gateskip.training.influence import _output_module
+    from gateskip.core.layer import branch_norms
 
     block = model.model.layers[layer]
     module = _output_module(block, branch, branch_norms(block)[branch][1])

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from gateskip import GateConfig, SkipPlan, add_gates, is_gated, loading, save_gates
 from gateskip.errors import GateSkipError
 from gateskip.loading import BUNDLED, cache_root, load_model, resolve_spec
-from gateskip.model import read_gate_file
+from gateskip.core.model import read_gate_file
 
 
 @pytest.fixture

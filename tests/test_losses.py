@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from gateskip import GateConfig, SkipPlan, add_gates
 from gateskip.errors import GateSkipError
-from gateskip.losses import IGNORE, combine, distill_loss, lm_loss, mean_gate, sparsity_loss
-from gateskip.plan import GateTrace
+from gateskip.data.textdata import IGNORE
+from gateskip.training.losses import combine, distill_loss, lm_loss, mean_gate, sparsity_loss
+from gateskip.core.plan import GateTrace
 
 from conftest import padded_batch, tiny_model
 

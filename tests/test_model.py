@@ -7,7 +7,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from conftest import padded_batch, tiny_model
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates, load_gates, remove_gates, save_gates
-from gateskip.model import is_gated, read_gate_file
+from gateskip.core.model import is_gated, read_gate_file
 
 
 def scramble_gates(model, std=0.3, seed=1):

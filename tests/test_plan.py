@@ -1,6 +1,6 @@
 import torch
 
-from gateskip.plan import unit_factor
+from gateskip.core.plan import unit_factor
 
 
 def test_unit_factor_is_exactly_one_and_gives_the_gate_the_gradient_of_scaling():

@@ -5,10 +5,10 @@ import torch
 
 from conftest import tiny_model
 from gateskip import GateConfig, add_gates
-from gateskip.allocation import search, store
-from gateskip.calibrate import calibrate_allocation
-from gateskip.model import load_gates, save_gates
-from gateskip.proxy import greedy_continuations, interpolate, run_proxy, table
+from gateskip.search.allocation import search, store
+from gateskip.inference.calibrate import calibrate_allocation
+from gateskip.core.model import load_gates, save_gates
+from gateskip.search.proxy import greedy_continuations, interpolate, run_proxy, table
 
 
 def test_interpolate_reads_a_curve_between_its_points_only():

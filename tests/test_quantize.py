@@ -5,7 +5,7 @@ import torch
 
 from conftest import padded_batch, tiny_model
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates
-from gateskip.quantize import quantize_weights
+from gateskip.evaluation.quantize import quantize_weights
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

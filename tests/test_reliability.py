@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 from gateskip import GateConfig, GateSkipError, SkipPlan, SkipStats, add_gates, remove_gates, save_gates
-from gateskip.budget import AllocationBudget, ThresholdBudget
-from gateskip.calibrate import sample_tokens
+from gateskip.core.budget import AllocationBudget, ThresholdBudget
+from gateskip.inference.calibrate import sample_tokens
 from gateskip.cli import main
-from gateskip.decoding import decode
-from gateskip.model import read_gate_file
+from gateskip.inference.decoding import decode
+from gateskip.core.model import read_gate_file
 from conftest import tiny_model
 from test_generation import VOCAB, calibrated
 from test_textdata import char_tokenizer
@@ -170,8 +170,8 @@ def test_a_new_gate_file_gets_the_umask_mode_not_0600(tmp_path):
 def test_a_second_writer_while_the_first_works_loses_nothing(command, assets, tmp_path, capsys, monkeypatch):
     """The first run loads the gates; while it computes, a second run on the same gate file finishes
     and saves; the first then saves too: the file holds both results."""
-    import gateskip.allocation as allocation
-    import gateskip.calibrate as calibrate
+    import gateskip.search.allocation as allocation
+    import gateskip.inference.calibrate as calibrate
 
     gates = gate_copy(assets, tmp_path)
     module, name = (calibrate, "calibrate") if command == "calibrate" else (allocation, "search")
@@ -196,7 +196,7 @@ def test_a_second_writer_while_the_first_works_loses_nothing(command, assets, tm
 
 def test_two_writers_of_the_same_entry_keep_the_first_result(assets, tmp_path, capsys):
     from gateskip.loading import load_model
-    from gateskip.model import load_gates, update_gate_file
+    from gateskip.core.model import load_gates, update_gate_file
 
     gates = gate_copy(assets, tmp_path)
     model, _ = load_model(str(assets["model"]))
@@ -466,8 +466,8 @@ def test_only_the_needed_prefix_of_a_long_single_line_text_is_tokenized(tmp_path
 
 
 def test_sample_text_paragraphs_are_tokenized_only_as_far_as_the_cut(tmp_path):
-    from gateskip.calibrate import tokenize_samples
-    from gateskip.evaluation.sweep import sample_batch
+    from gateskip.inference.calibrate import tokenize_samples
+    from gateskip.data.samples import sample_batch
 
     path = tmp_path / "sample.txt"
     path.write_text("one short paragraph.\n\n" + "a very long paragraph " * 400_000)
@@ -547,7 +547,7 @@ def test_calibrate_on_a_full_disk_keeps_the_gate_file_and_leaves_no_temporary_fi
 
 
 def test_more_api_misuse_names_the_argument():
-    from gateskip.flops import ModelDims, flop_report
+    from gateskip.core.flops import ModelDims, flop_report
     from gateskip.loading import load_model
 
     model = decode_model()
@@ -589,9 +589,9 @@ def test_the_python_api_given_wrong_values_raises_only_gateskip_errors():
     """Every argument of the user-facing constructors and decoders, in turn given values of the wrong type,
     non-finite or out of range: accepted, or a GateSkipError, never another exception from deep inside."""
     from gateskip import QuantileBudget
-    from gateskip.allocation import allocation_budget
-    from gateskip.calibrate import calibrate, threshold_budget
-    from gateskip.speculative import speculative_generate
+    from gateskip.inference.calibrate import allocation_budget
+    from gateskip.inference.calibrate import calibrate, threshold_budget
+    from gateskip.inference.speculative import speculative_generate
 
     model, ids = decode_model(), torch.tensor([[5, 6, 7]])
     calls = []
@@ -622,11 +622,11 @@ def test_the_python_api_given_wrong_values_raises_only_gateskip_errors():
 
 def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(assets, tmp_path, monkeypatch):
     from gateskip import load_gates
-    from gateskip.allocation import search
-    from gateskip.analysis import collect
-    from gateskip.calibrate import tokenize_samples
-    from gateskip.flops import ModelDims, flop_report
-    from gateskip.generation import generate
+    from gateskip.search.allocation import search
+    from gateskip.evaluation.analysis import collect
+    from gateskip.inference.calibrate import tokenize_samples
+    from gateskip.core.flops import ModelDims, flop_report
+    from gateskip.inference.generation import generate
     from gateskip.loading import load_model
 
     monkeypatch.chdir(tmp_path)  # save_gates(model, "x") writes x/gateskip.safetensors: here, not in the checkout
@@ -652,7 +652,7 @@ def test_more_of_the_python_api_given_wrong_values_raises_only_gateskip_errors(a
 
 
 def test_hf_generate_refuses_padding_it_cannot_handle():
-    from gateskip.generation import generate
+    from gateskip.inference.generation import generate
 
     model = decode_model()
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])

@@ -21,10 +21,10 @@ from conftest import tiny_model
 
 from gateskip import GateConfig, add_gates, load_model, save_gates
 from gateskip.cli import main
-from gateskip.decoding import decode
-from gateskip.flops import ModelDims
-from gateskip.generation import combine
-from gateskip.model import load_gates
+from gateskip.inference.decoding import decode
+from gateskip.core.flops import ModelDims
+from gateskip.inference.contract import combine
+from gateskip.core.model import load_gates
 from gateskip.serving.engine_skip import engine_flops, kv_less
 from gateskip.serving.spec import engine_budget
 

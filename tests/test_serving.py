@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from vllm import LLM, SamplingParams
 
 from gateskip import GateConfig, add_gates, load_gates
-from gateskip.calibrate import calibrate_allocation
-from gateskip.decoding import decode
+from gateskip.inference.calibrate import calibrate_allocation
+from gateskip.inference.decoding import decode
 from gateskip.serving import gated_llm, skip_report
 
 LAYERS, NEW = 3, 12

@@ -8,8 +8,8 @@ from scipy.stats import chisquare
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
 from gateskip import GateConfig, GateSkipError, SkipPlan, add_gates
-from gateskip.calibrate import calibrate
-from gateskip.speculative import speculative_generate
+from gateskip.inference.calibrate import calibrate
+from gateskip.inference.speculative import speculative_generate
 from test_generation import VOCAB, calibrated, random_prompts
 
 torch.set_num_threads(1)
@@ -86,7 +86,7 @@ def test_says_when_the_context_ends_first():
 
 def test_verify_passes_see_exactly_the_full_compute_cache(monkeypatch):
     """Every verify pass gives the logits of a full forward without cache: draft K/V never leak."""
-    from gateskip import decoding
+    from gateskip.inference import decoding
 
     model = calibrated("llama")
     ids, _ = random_prompts([6], seed=11)
@@ -118,7 +118,7 @@ def test_verify_passes_see_exactly_the_full_compute_cache(monkeypatch):
 
 
 def test_draft_length_follows_measured_acceptance_and_cost():
-    from gateskip.speculative import DraftLength
+    from gateskip.inference.speculative import DraftLength
 
     good = DraftLength(k=2, max_k=8)
     for _ in range(20):  # drafts accepted 90 % of the time at a fifth of a verify pass
@@ -142,7 +142,7 @@ def exact_joint(model, prompt, vocab, steps, plan):
 
 
 def test_sampling_keeps_the_full_models_distribution():
-    from gateskip.calibrate import threshold_budget
+    from gateskip.inference.calibrate import threshold_budget
 
     vocab, steps, draws = 4, 3, 600
     model = calibrated("llama", seed=1, vocab=vocab, ratios=(0.8,))

@@ -11,8 +11,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from gateskip.errors import GateSkipError
-from gateskip.losses import IGNORE
-from gateskip.textdata import build_blocks, bundled_documents, pack, read_documents, split, tokenize
+from gateskip.data.textdata import IGNORE
+from gateskip.data.textdata import build_blocks, bundled_documents, pack, read_documents, split, tokenize
 
 CHARS = string.ascii_letters + string.digits + " .,;:!?'\"-()\n"
 

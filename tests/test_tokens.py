@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateskip.tokens import gather_packed, pack_per_sequence, scatter_add_packed
+from gateskip.core.tokens import gather_packed, pack_per_sequence, scatter_add_packed
 
 
 @st.composite

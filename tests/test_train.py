@@ -13,14 +13,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import gateskip.train as train_module
+import gateskip.training.loop as train_module
 from gateskip import GateConfig, SkipPlan, add_gates, load_gates, save_gates
-from gateskip.allocation import store
-from gateskip.calibrate import calibrate_allocation
+from gateskip.search.allocation import store
+from gateskip.inference.calibrate import calibrate_allocation
 from gateskip.errors import GateSkipError
 from gateskip.loading import load_model
-from gateskip.textdata import bundled_documents
-from gateskip.train import TrainConfig, batch_indices, main, train
+from gateskip.data.textdata import bundled_documents
+from gateskip.training import TrainConfig, train
+from gateskip.training.command import main
+from gateskip.training.loop import batch_indices
 
 from test_textdata import char_tokenizer
 
@@ -237,7 +239,7 @@ def test_accelerate_launch_with_two_cpu_processes_trains_and_saves_a_loadable_mo
     # its torchrun launcher with ACCELERATE_USE_CPU=1 starts two that talk over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "gateskip.train", assets["model"],
+           "-m", "gateskip.training", assets["model"],
            "--data", assets["text"], "--out", str(out), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
            "--eval-blocks", "4", "--save-every", "2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -304,7 +306,7 @@ def test_the_gate_trace_survives_the_argument_copies_of_ddp_and_fsdp():
 
     from conftest import tiny_model
     from gateskip import GateConfig, add_gates
-    from gateskip.textdata import Blocks
+    from gateskip.data.textdata import Blocks
 
     model = add_gates(tiny_model(), GateConfig(kind="lowrank", rank=4))
     real_forward = model.forward

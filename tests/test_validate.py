@@ -17,17 +17,18 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import gateskip.train as train_module
+import gateskip.training.loop as train_module
 from gateskip import GateSkipError, add_gates, load_gates
-from gateskip.allocation import cpu_has_bf16
-from gateskip.calibrate import sample_tokens
+from gateskip.search.allocation import cpu_has_bf16
+from gateskip.inference.calibrate import sample_tokens
 from gateskip.cli import main
-from gateskip.config import GateConfig
-from gateskip.evaluation.sweep import RESULTS, sample_texts
+from gateskip.core.config import GateConfig
+from gateskip.data.samples import sample_texts
+from gateskip.evaluation.sweep import RESULTS
 from gateskip.loading import load_model
-from gateskip.model import read_gate_file, save_gates
-from gateskip.textdata import read_documents
-from gateskip.train import TrainConfig
+from gateskip.core.model import read_gate_file, save_gates
+from gateskip.data.textdata import read_documents
+from gateskip.training import TrainConfig
 from gateskip.validate import check_output_folder
 
 from test_textdata import char_tokenizer

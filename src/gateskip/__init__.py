@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from .budget import AllocationBudget, QuantileBudget, ThresholdBudget
-from .config import GateConfig
+from .core.budget import AllocationBudget, QuantileBudget, ThresholdBudget
+from .core.config import GateConfig
 from .errors import GateSkipError
-from .flops import FlopReport, ModelDims, flop_report
+from .core.flops import FlopReport, ModelDims, flop_report
 from .loading import load_model
-from .model import add_gates, is_gated, load_gates, remove_gates, save_gates
-from .plan import SkipPlan
-from .stats import SkipStats
+from .core.model import add_gates, is_gated, load_gates, remove_gates, save_gates
+from .core.plan import SkipPlan
+from .core.stats import SkipStats
 
 
 class _TorchaoImportNoise(logging.Filter):

@@ -7,20 +7,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import allocation, analysis, baselines, bench, calibrate, demo, generation, proxy, train
+from . import demo
+from .evaluation import analysis, tasks
 from .evaluation import cli as evaluation
-from .evaluation import tasks
+from .inference import bench, calibrate, generation
+from .search import allocation, baselines, proxy
+from .training import command as train
 from .errors import GateSkipError
+from .validate import Parser
 from .serving import server
 
 COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis, bench, server)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its mistakes reported as the commands report theirs: one `error:` line, exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

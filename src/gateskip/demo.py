@@ -31,25 +31,28 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import checkpoint
-from .allocation import allocation_budget, describe, plot as plot_allocations, search, store
-from .analysis import SUMMARY as ANALYSIS_SUMMARY, analyze, sample_sequences
-from .bench import decode_speed, prefill_speed
-from .baselines import make_method
-from .calibrate import calibrate_allocation, ratio_key, sample_tokens
-from .corpus import split_documents, write_jsonl
+from .training import checkpoint
+from .inference.calibrate import allocation_budget
+from .search.allocation import describe, plot as plot_allocations, search, store
+from .data.samples import sample_sequences
+from .evaluation.analysis import SUMMARY as ANALYSIS_SUMMARY, analyze
+from .inference.bench import decode_speed, prefill_speed
+from .search.baselines import make_method
+from .inference.calibrate import calibrate_allocation, ratio_key, sample_tokens
+from .data.corpus import split_documents, write_jsonl
 from .errors import GateSkipError
-from .evaluation import sweep as sweep_module
+from .evaluation.batch import DEFAULT_BATCH_SIZE
 from .evaluation.sweep import FIGURE, TABLE, Sweep, SweepSettings, load_records, points, run_sweep
-from .flops import ModelDims, flop_report
-from .generation import generate, reports
+from .core.flops import ModelDims, flop_report
+from .inference.contract import reports
+from .inference.generation import generate
 from . import files as outputs
-from .model import GATE_FILE, load_gates, read_gate_file, save_gates
-from .plan import SkipPlan
-from .proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, TARGETS as PROXY_TARGETS, greedy_continuations, interpolate, plot as plot_proxy
-from .proxy import run_proxy, table as proxy_table
-from .stats import SkipStats
-from .train import TrainConfig, train
+from .core.model import GATE_FILE, load_gates, read_gate_file, save_gates
+from .core.plan import SkipPlan
+from .search.proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, TARGETS as PROXY_TARGETS, greedy_continuations, interpolate, plot as plot_proxy
+from .search.proxy import run_proxy, table as proxy_table
+from .core.stats import SkipStats
+from .training import TrainConfig, train
 from .validate import check_output_folder, integer, output_path, read_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,9 +66,7 @@ DECODE_PROMPT = PROMPTS[0]
 PROXY_METHODS = ("gateskip", "equal", "shortgpt", "random")
 PROXY_FIELDS = ("loss", "kl", "agreement")
 ALLOCATION_LEVELS = (0.5, 1.0)  # skip ratios the search for gates trained here steps through: fewer forwards
-# lm-eval batch size: `gateskip eval`'s default where GatedLM masks the padding of batches (scores then
-# equal batch size 1's), else 1 (a harness without that masking would count padding as tokens).
-TASK_BATCH = getattr(sweep_module, "DEFAULT_BATCH_SIZE", 1)
+TASK_BATCH = DEFAULT_BATCH_SIZE  # `gateskip eval`'s: GatedLM masks padding, so scores equal batch size 1's
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def check_allocations(file: Path, model_spec: str, targets) -> None:
 
 
 def stage_text(job: Job) -> tuple[Path, Path]:
-    """The corpus split (gateskip.corpus, seed 0): the training side for gates, allocation search and
+    """The corpus split (gateskip.data.corpus, seed 0): the training side for gates, allocation search and
     ShortGPT's ranking; the held-out side, which nothing here trains or searches on, for the proxy,
     the speed benchmark and the analysis (the shipped gates were made from the same split)."""
     folder = job.out / "data"
@@ -298,7 +299,7 @@ def _relabel(curves: dict[str, list[dict]], label: str) -> dict[str, list[dict]]
 
 def stage_proxy(job: Job, model, tokenizer, gates: Path, heldout: Path, search_blocks) -> dict:
     """Held-out LM loss, KL to the base and next-token agreement with the base's greedy continuations
-    against net saving (gateskip.proxy): the gates under their allocations and at the paper's equal
+    against net saving (gateskip.search.proxy): the gates under their allocations and at the paper's equal
     share, ShortGPT, random; plus the budget-0 check."""
     s = job.sizes
     folder = job.out / "proxy"
@@ -385,7 +386,7 @@ def _continuations(model, tokenizer, prompt: str, targets, shortgpt, new_tokens:
 
 def stage_samples(job: Job, model, tokenizer, search_blocks) -> list[dict]:
     """Greedy continuations of question prompts: base, the gates at a few targets (calibrated
-    thresholds, gateskip.generation), ShortGPT with as many layers removed."""
+    thresholds, gateskip.inference.generation), ShortGPT with as many layers removed."""
     path = job.out / "samples.json"
     with job.stage("samples", reused=job.reusable(path)):
         if path.is_file():
@@ -400,8 +401,8 @@ def stage_samples(job: Job, model, tokenizer, search_blocks) -> list[dict]:
 
 def stage_speed(job: Job, model, tokenizer, heldout: Path) -> dict:
     """Wall-clock prefill (physical skipping, allocation quantiles) and greedy decoding (calibrated
-    thresholds, gateskip.decoding; self-speculative drafting at the smallest target) against the
-    ungated model and HF generate, interleaved rounds (gateskip.bench)."""
+    thresholds, gateskip.inference.decoding; self-speculative drafting at the smallest target) against the
+    ungated model and HF generate, interleaved rounds (gateskip.inference.bench)."""
     s = job.sizes
     path = job.out / "speed.json"
     with job.stage("speed", reused=job.reusable(path)):
@@ -422,7 +423,7 @@ def stage_speed(job: Job, model, tokenizer, heldout: Path) -> dict:
 
 
 def stage_analysis(job: Job, model, tokenizer, gates: Path, heldout: Path) -> dict:
-    """What the gates rank (gateskip.analysis) on held-out text, at an equal share of 0.25."""
+    """What the gates rank (gateskip.evaluation.analysis) on held-out text, at an equal share of 0.25."""
     s = job.sizes
     folder = job.out / "analysis"
     with job.stage("analysis", reused=job.reusable(folder) and (folder / "analysis.json").is_file()):
@@ -641,7 +642,7 @@ def _proxy_md(proxy: dict) -> list[str]:
     return ["## Proxy: held-out loss and KL against net saving", "",
             f"{proxy['blocks']} blocks x {proxy['length']} tokens of `{proxy['text']}` (the corpus's held-out side); "
             "physical execution; the table reads every curve at the nominal savings, linear between measured points "
-            "(gateskip.proxy; '-': outside the measured range).", "", "LM loss (nats)", "",
+            "(gateskip.search.proxy; '-': outside the measured range).", "", "LM loss (nats)", "",
             proxy_table(proxy["curves"], PROXY_TARGETS, "loss"), "", "KL to the base (nats)", "",
             proxy_table(proxy["curves"], PROXY_TARGETS, "kl"), "",
             f"Next-token agreement with the base on its greedy continuations ({proxy['prompts']} held-out prompts of "
@@ -700,7 +701,7 @@ def write_report(job: Job, info: dict, lines: list[str], wall: float) -> Path:
 
 
 def training_note(sizes: JobSizes, demonstration: bool) -> str:
-    return (f"Influence objective (gateskip.influence), frozen backbone, unit low-rank gates (rank {sizes.gate_rank}), "
+    return (f"Influence objective (gateskip.training.influence), frozen backbone, unit low-rank gates (rank {sizes.gate_rank}), "
             f"{sizes.train_steps} steps of {sizes.train_batch} x {sizes.train_seq_len} tokens from the first "
             f"{sizes.train_tokens} tokens of `data/train.jsonl.gz`, gate lr {sizes.gate_lr:g}, first token protected. "
             + ("A demonstration only: the evaluated gates are the shipped ones." if demonstration else

@@ -7,7 +7,7 @@ and is renamed onto it once complete, and updates of a shared file happen under 
 - `atomic_folder`: a whole output folder (a saved model) written beside its target first; its
   files are moved in with config.json last, so a folder never holds a config without weights.
 - `locked`: an exclusive lock (fcntl.flock on the file's folder) around a read-modify-write of a
-  file several commands may update at once (a gate file: gateskip.model.update_gate_file).
+  file several commands may update at once (a gate file: gateskip.core.model.update_gate_file).
 
 A failed write is a GateSkipError naming the file (one `error:` line from the CLI). The checks that
 an output can be written at all, made before any work starts, are gateskip.validate's.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: importing it loads transformers' modellin
 
 from gateskip.errors import GateSkipError
 from gateskip.validate import check_device
-from gateskip.model import GATE_FILE, load_gates
+from gateskip.core.model import GATE_FILE, load_gates
 
 __all__ = ["BUNDLED", "DEFAULT_SPEC", "cache_root", "load_model", "resolve_spec"]
 

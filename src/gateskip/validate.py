@@ -24,6 +24,13 @@ from .errors import GateSkipError
 MODEL_FILES = ("config.json", "gateskip.safetensors", "adapter_config.json")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported as the commands report theirs: one `error:` line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 # ---------------------------------------------------------------- argparse types
 
 
@@ -146,7 +153,7 @@ def existing_path(text: str) -> str:
 
 
 def text_source(text: str) -> str:
-    """An argparse type for gateskip.textdata sources: 'bundled', 'hf:NAME[:SPLIT]' or an existing path."""
+    """An argparse type for gateskip.data.textdata sources: 'bundled', 'hf:NAME[:SPLIT]' or an existing path."""
     if text == "bundled" or text.startswith("hf:"):
         return text
     return existing_path(text)
@@ -202,7 +209,7 @@ def token_batch(samples, what: str, mask_required: bool = True) -> tuple[torch.T
 
 def ratio_list(values, what: str) -> list[float]:
     """A list of ratios in [0, 1] (targets, levels) from the Python API; GateSkipError naming `what` otherwise."""
-    from .budget import check_ratio
+    from .core.budget import check_ratio
 
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or isinstance(values, torch.Tensor):
         raise GateSkipError(f"{what} must be a list of ratios in [0, 1], e.g. [0.1, 0.25], got {values!r}")
@@ -344,3 +351,16 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GateSkipError(f"{path} is not a readable {what} ({e}); move it away to start over") from None
+
+
+def parse_list(text: str, what: str, choices: tuple[str, ...] | None = None) -> list[str]:
+    """A comma-separated option (methods, tasks): its items in order, repeats dropped; an item
+    outside `choices` is a one-line error."""
+    items = [t for t in str(text).replace(" ", "").split(",") if t]
+    if not items:
+        raise GateSkipError(f"the {what} list is empty")
+    if choices is not None:
+        bad = [i for i in items if i not in choices]
+        if bad:
+            raise GateSkipError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
+    return list(dict.fromkeys(items))

@@ -7,16 +7,18 @@ import os
 
 import torch
 
-from ..baselines import IDENTITY_GATES, METHODS, make_method
-from ..calibrate import calibrate
-from ..config import GATE_KINDS, GateConfig
+from ..search.baselines import IDENTITY_GATES, METHODS, make_method
+from ..inference.calibrate import calibrate
+from ..core.config import GATE_KINDS, GateConfig
 from ..errors import GateSkipError
-from ..model import add_gates, load_gates, remove_gates
+from ..core.model import add_gates, load_gates, remove_gates
+from ..data.samples import sample_batch
+from ..validate import parse_list
 from ..validate import seed as seed_type
 from ..validate import (check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer,
                          output_path)
-from .sweep import (DEFAULT_BATCH_SIZE, FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, parse_list,
-                    run_sweep, sample_batch)
+from .batch import DEFAULT_BATCH_SIZE
+from .sweep import FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, run_sweep
 from .tasks import check_task_folder
 
 DEFAULT_BUDGETS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5"
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         add_gates(model, GateConfig(kind=args.fresh_gates) if args.fresh_gates else IDENTITY_GATES)
     if args.quantize:
-        from ..quantize import quantize_weights
+        from .quantize import quantize_weights
 
         quantize_weights(model, args.quantize)
     device = next(model.parameters()).device

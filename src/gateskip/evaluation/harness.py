@@ -24,8 +24,8 @@ from lm_eval.models import huggingface as hf
 from lm_eval.models.huggingface import HFLM
 
 from ..errors import GateSkipError
-from ..plan import SkipPlan
-from .sweep import DEFAULT_BATCH_SIZE
+from ..core.plan import SkipPlan
+from .batch import DEFAULT_BATCH_SIZE
 
 
 class GatedLM(HFLM):

@@ -21,16 +21,17 @@ from dataclasses import replace
 import torch
 from lm_eval.api.registry import register_model
 
-from ..baselines import IDENTITY_GATES, make_method
-from ..budget import check_ratio
+from ..search.baselines import IDENTITY_GATES, make_method
+from ..core.budget import check_ratio
+from ..data.samples import sample_batch
 from ..errors import GateSkipError
-from ..flops import ModelDims, flop_report
+from ..core.flops import ModelDims, flop_report
 from ..loading import load_model
-from ..model import add_gates, is_gated, load_gates
-from ..plan import EXECUTIONS
-from ..stats import SkipStats
+from ..core.model import add_gates, is_gated, load_gates
+from ..core.plan import EXECUTIONS
+from ..core.stats import SkipStats
 from .harness import GatedLM
-from .sweep import DEFAULT_BATCH_SIZE, sample_batch
+from .batch import DEFAULT_BATCH_SIZE
 
 MODEL_TYPE = "gateskip"
 PLUGIN_METHODS = ("gateskip", "base", "random", "shortgpt", "calm")  # mod needs a second gate file: gateskip eval

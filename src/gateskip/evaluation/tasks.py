@@ -278,9 +278,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import cache_root
-    from .sweep import parse_list
-
-    from ..validate import check_output_folder
+    from ..validate import check_output_folder, parse_list
 
     names = parse_list(args.tasks, "task", tuple(BUNDLED_TASKS))
     folder = check_output_folder(args.out or cache_root() / "tasks")

@@ -1,7 +1,7 @@
 """One gated engine's skipping state: its gates, its budget, the context of each step, its counts.
 
 Lives in vLLM's worker process beside the model. The counts accumulate over the engine's
-life (gateskip.stats) and leave the worker three ways: `collective_rpc("gateskip_report")`
+life (gateskip.core.stats) and leave the worker three ways: `collective_rpc("gateskip_report")`
 (report()), a log line every `log_interval` seconds, and the metrics file that `gateskip
 serve`'s /metrics reads (gateskip.serving.metrics). A daemon thread writes those two; it
 and the forward take turns through `lock`, so a report never reads counts mid-step and the
@@ -19,11 +19,11 @@ from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 
-from ..config import GateConfig
-from ..flops import FlopReport, ModelDims, flop_report
-from ..gates import GateBank
-from ..plan import ForwardContext, SkipPlan
-from ..stats import SkipStats
+from ..core.config import GateConfig
+from ..core.flops import FlopReport, ModelDims, flop_report
+from ..core.gates import GateBank
+from ..core.plan import ForwardContext, SkipPlan
+from ..core.stats import SkipStats
 from .metrics import write_report
 from .spec import EngineSpec, engine_budget, load_bank
 
@@ -91,7 +91,7 @@ def kv_less(bank: GateBank, budget) -> set[int]:
 
 
 def engine_flops(stats: SkipStats, dims: ModelDims, gate_config: GateConfig, kv_less: set[int]) -> FlopReport:
-    """gateskip.flops' report, corrected to what the engine computes. gateskip.flops counts a token
+    """gateskip.core.flops' report, corrected to what the engine computes. gateskip.core.flops counts a token
     that skips attention as saving its q and o projections and its scores (what gateskip's own
     execution saves); in the engine a partly skipped attention module still projects queries and
     attends for every token (vLLM builds one attention metadata for all layers), so only o_proj is

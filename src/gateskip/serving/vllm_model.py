@@ -3,14 +3,14 @@
 The plugin (gateskip.serving.plugin) registers these classes under the stock architecture
 names. A model without gates (no EngineSpec, gateskip.serving.spec) is the stock class,
 untouched. With gates, the forward below replaces the stock decoder loop and runs
-gateskip.layer's definition on vLLM's flattened batch (the tokens of many requests, prefill
+gateskip.core.layer's definition on vLLM's flattened batch (the tokens of many requests, prefill
 and decode mixed), viewed as one row of N tokens:
 
     h <- h + keep_attn * attn(norm_in(h)),   h <- h + keep_mlp * mlp(norm_post(h))
 
 (Gemma3 also normalises each branch output before it is added, and normalises q and k per head.)
 
-Decisions are gateskip.plan's ForwardContext with the target's calibrated thresholds: per
+Decisions are gateskip.core.plan's ForwardContext with the target's calibrated thresholds: per
 token and per module, so a request's tokens never depend on its batch-mates (design.md
 section 7). What each decision costs here:
 - a removed module (ratio 1) computes nothing. A removed attention module gets no Attention
@@ -37,9 +37,9 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..errors import GateSkipError
-from ..layer import branch_norms
-from ..model import read_gate_file
-from ..plan import Decision, ForwardContext
+from ..core.layer import branch_norms
+from ..core.model import read_gate_file
+from ..core.plan import Decision, ForwardContext
 from .engine_skip import EngineSkip
 from .spec import EngineSpec
 
