@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gateskip import GateSkipError
 from gateskip.cli import main
-from gateskip.demo import QUICK, Job, JobSizes, check_allocations, choose_gates
+from gateskip.demo.job import QUICK, Job, JobSizes, check_allocations, choose_gates
 
 
 @pytest.fixture(scope="module")
