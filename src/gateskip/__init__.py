@@ -6,12 +6,12 @@ import logging
 
 from .core.budget import AllocationBudget, QuantileBudget, ThresholdBudget
 from .core.config import GateConfig
-from .errors import GateSkipError
 from .core.flops import FlopReport, ModelDims, flop_report
-from .loading import load_model
 from .core.model import add_gates, is_gated, load_gates, remove_gates, save_gates
 from .core.plan import SkipPlan
 from .core.stats import SkipStats
+from .errors import GateSkipError
+from .loading import load_model
 
 
 class _TorchaoImportNoise(logging.Filter):

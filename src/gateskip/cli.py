@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 from . import demo
+from .errors import GateSkipError
 from .evaluation import analysis, tasks
 from .evaluation import cli as evaluation
 from .inference import bench, calibrate, generation
 from .search import allocation, baselines, proxy
-from .training import command as train
-from .errors import GateSkipError
-from .validate import Parser
 from .serving import server
+from .training import command as train
+from .validate import Parser
 
 COMMANDS = (demo, train, calibrate, allocation, proxy, generation, evaluation, tasks, baselines, analysis, bench, server)
 

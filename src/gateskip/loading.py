@@ -27,9 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 if TYPE_CHECKING:  # annotations only: importing it loads transformers' modelling stack (and torchao)
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from gateskip.core.model import GATE_FILE, load_gates
 from gateskip.errors import GateSkipError
 from gateskip.validate import check_device
-from gateskip.core.model import GATE_FILE, load_gates
 
 __all__ = ["BUNDLED", "DEFAULT_SPEC", "cache_root", "load_model", "resolve_spec"]
 

@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .adapters import check_adapter, merge_adapter
-from .config import GateConfig
 from ..errors import GateSkipError
 from ..files import atomic_path, locked
+from .adapters import check_adapter, merge_adapter
+from .config import GateConfig
 from .gates import GateBank
 from .layer import GatedLayerMixin
 from .plan import ForwardContext, SkipPlan

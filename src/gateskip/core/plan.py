@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import Budget, as_budget
 from ..errors import GateSkipError
+from .budget import Budget, as_budget
 from .gates import GateBank, importance
 from .stats import SkipStats
 

@@ -11,9 +11,9 @@ import os
 
 import torch
 
+from . import textdata
 from ..errors import GateSkipError
 from .corpus import data_root
-from . import textdata
 from .textdata import encode_batch, read_text
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..inference.calibrate import ratio_key
-from ..errors import GateSkipError
 from .. import files as outputs
 from ..core.model import GATE_FILE, read_gate_file
+from ..errors import GateSkipError
+from ..inference.calibrate import ratio_key
 from ..validate import read_json
 
 

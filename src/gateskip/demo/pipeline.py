@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..inference.calibrate import sample_tokens
 from ..core.model import load_gates
+from ..inference.calibrate import sample_tokens
 from ..validate import check_output_folder, integer, output_path
 from .job import FULL, QUICK, Job, JobSizes, check_allocations, choose_gates
 from .report import other_findings, print_summary, task_comparisons, training_note, verdict, write_report

@@ -13,10 +13,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..search.allocation import describe
+from .. import files as outputs
 from ..evaluation.analysis import SUMMARY as ANALYSIS_SUMMARY
 from ..evaluation.sweep import FIGURE, TABLE
-from .. import files as outputs
+from ..search.allocation import describe
 from ..search.proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, TARGETS as PROXY_TARGETS, interpolate
 from ..search.proxy import table as proxy_table
 from .job import Job, JobSizes

@@ -9,27 +9,27 @@ from pathlib import Path
 
 import torch
 
-from ..training import checkpoint
-from ..inference.calibrate import allocation_budget
-from ..search.allocation import plot as plot_allocations, search, store
-from ..data.samples import sample_sequences
-from ..evaluation.analysis import analyze
-from ..inference.bench import decode_speed, prefill_speed
-from ..search.baselines import make_method
-from ..inference.calibrate import calibrate_allocation, sample_tokens
-from ..data.corpus import split_documents, write_jsonl
-from ..evaluation.batch import DEFAULT_BATCH_SIZE
-from ..evaluation.sweep import Sweep, SweepSettings, load_records, points, run_sweep
-from ..core.flops import ModelDims, flop_report
-from ..inference.contract import reports
-from ..inference.generation import generate
 from .. import files as outputs
+from ..core.flops import ModelDims, flop_report
 from ..core.model import GATE_FILE, load_gates, save_gates
 from ..core.plan import SkipPlan
+from ..core.stats import SkipStats
+from ..data.corpus import split_documents, write_jsonl
+from ..data.samples import sample_sequences
+from ..evaluation.analysis import analyze
+from ..evaluation.batch import DEFAULT_BATCH_SIZE
+from ..evaluation.sweep import Sweep, SweepSettings, load_records, points, run_sweep
+from ..inference.bench import decode_speed, prefill_speed
+from ..inference.calibrate import allocation_budget
+from ..inference.calibrate import calibrate_allocation, sample_tokens
+from ..inference.contract import reports
+from ..inference.generation import generate
+from ..search.allocation import plot as plot_allocations, search, store
+from ..search.baselines import make_method
 from ..search.proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, greedy_continuations, plot as plot_proxy
 from ..search.proxy import run_proxy
-from ..core.stats import SkipStats
 from ..training import TrainConfig, train
+from ..training import checkpoint
 from ..validate import read_json
 from .job import Job
 

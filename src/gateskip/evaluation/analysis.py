@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from ..core.budget import as_budget, check_ratio
-from ..data.samples import sample_sequences
-from ..errors import GateSkipError
 from ..core.gates import importance
 from ..core.model import is_gated
 from ..core.plan import GateTrace, SkipPlan
+from ..data.samples import sample_sequences
+from ..errors import GateSkipError
 from ..files import atomic_folder, save_figure, write_json, write_text
 from ..validate import (check_output_folder, existing_path, fits_context, integer, output_path, ratio, text_source,
                        token_batch)

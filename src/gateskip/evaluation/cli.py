@@ -7,16 +7,16 @@ import os
 
 import torch
 
-from ..search.baselines import IDENTITY_GATES, METHODS, make_method
-from ..inference.calibrate import calibrate
 from ..core.config import GATE_KINDS, GateConfig
-from ..errors import GateSkipError
 from ..core.model import add_gates, load_gates, remove_gates
 from ..data.samples import sample_batch
-from ..validate import parse_list
-from ..validate import seed as seed_type
+from ..errors import GateSkipError
+from ..inference.calibrate import calibrate
+from ..search.baselines import IDENTITY_GATES, METHODS, make_method
 from ..validate import (check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer,
                          output_path)
+from ..validate import parse_list
+from ..validate import seed as seed_type
 from .batch import DEFAULT_BATCH_SIZE
 from .sweep import FIGURE, RESULTS, TABLE, Sweep, SweepSettings, parse_budgets, run_sweep
 from .tasks import check_task_folder

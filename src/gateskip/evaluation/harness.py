@@ -23,8 +23,8 @@ import torch
 from lm_eval.models import huggingface as hf
 from lm_eval.models.huggingface import HFLM
 
-from ..errors import GateSkipError
 from ..core.plan import SkipPlan
+from ..errors import GateSkipError
 from .batch import DEFAULT_BATCH_SIZE
 
 

@@ -21,17 +21,17 @@ from dataclasses import replace
 import torch
 from lm_eval.api.registry import register_model
 
-from ..search.baselines import IDENTITY_GATES, make_method
 from ..core.budget import check_ratio
-from ..data.samples import sample_batch
-from ..errors import GateSkipError
 from ..core.flops import ModelDims, flop_report
-from ..loading import load_model
 from ..core.model import add_gates, is_gated, load_gates
 from ..core.plan import EXECUTIONS
 from ..core.stats import SkipStats
-from .harness import GatedLM
+from ..data.samples import sample_batch
+from ..errors import GateSkipError
+from ..loading import load_model
+from ..search.baselines import IDENTITY_GATES, make_method
 from .batch import DEFAULT_BATCH_SIZE
+from .harness import GatedLM
 
 MODEL_TYPE = "gateskip"
 PLUGIN_METHODS = ("gateskip", "base", "random", "shortgpt", "calm")  # mod needs a second gate file: gateskip eval

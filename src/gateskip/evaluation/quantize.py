@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import GateSkipError
 from ..core.model import decoder_layers
+from ..errors import GateSkipError
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 128

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..search.baselines import Method
 from ..core.budget import check_ratio
-from ..errors import GateSkipError
 from ..core.flops import ModelDims, flop_report
 from ..core.stats import SkipStats
+from ..errors import GateSkipError
+from ..search.baselines import Method
 from .report import markdown_table, plot
 from .tasks import task_manager
 

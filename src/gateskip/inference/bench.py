@@ -17,16 +17,16 @@ import time
 
 import torch
 
-from .calibrate import allocation_budget
 from ..core.budget import QuantileBudget
-from .calibrate import ratio_key
 from ..core.flops import ModelDims, flop_report
-from .contract import decode_budget, reports, stop_tokens
 from ..core.plan import SkipPlan
 from ..core.stats import SkipStats
-from .timing import time_interleaved
 from ..files import write_json
 from ..validate import check_output_file, existing_path, fits_context, integer, output_path, ratio, real
+from .calibrate import allocation_budget
+from .calibrate import ratio_key
+from .contract import decode_budget, reports, stop_tokens
+from .timing import time_interleaved
 
 PROMPTS = [
     "The history of the printing press begins",

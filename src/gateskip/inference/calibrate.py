@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from ..core.budget import AllocationBudget, ThresholdBudget, check_ratio
-from ..errors import GateSkipError
 from ..core.gates import GateBank
 from ..core.model import is_gated
 from ..core.plan import SkipPlan
+from ..errors import GateSkipError
 from ..validate import existing_path, fits_context, integer, ratio, text_source, token_batch
 
 

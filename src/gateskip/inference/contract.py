@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrate import allocation_budget
 from ..core.budget import AllocationBudget, ThresholdBudget
-from .calibrate import threshold_budget
-from ..errors import GateSkipError
 from ..core.flops import FlopReport, ModelDims, flop_report
 from ..core.model import is_gated
 from ..core.stats import SkipStats
+from ..errors import GateSkipError
+from .calibrate import allocation_budget
+from .calibrate import threshold_budget
 
 
 def decode_budget(model, budget: float | ThresholdBudget | AllocationBudget | None) -> ThresholdBudget | AllocationBudget | None:

@@ -28,14 +28,14 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..core.budget import AllocationBudget, ThresholdBudget
-from .compiled import KERNELS
-from ..errors import GateSkipError
 from ..core.execution import StepKernels
-from .contract import (Generation, check_attention_mask, check_prompt, decode_budget, refuse_unmasked_padding,
-                         stop_tokens)
 from ..core.model import decoder_layers
 from ..core.plan import ForwardContext, SkipPlan
 from ..core.stats import SkipStats
+from ..errors import GateSkipError
+from .compiled import KERNELS
+from .contract import (Generation, check_attention_mask, check_prompt, decode_budget, refuse_unmasked_padding,
+                         stop_tokens)
 
 
 def layer_windows(config) -> list[int | None]:

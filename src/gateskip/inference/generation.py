@@ -17,13 +17,13 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
 from ..core.budget import ThresholdBudget
-from ..errors import GateSkipError
 from ..core.flops import FlopReport
 from ..core.plan import SkipPlan
 from ..core.stats import SkipStats
-from .contract import Generation, check_attention_mask, check_prompt, decode_budget, refuse_unmasked_padding, reports
-from ..validate import seed as seed_type
+from ..errors import GateSkipError
 from ..validate import existing_path, fits_context, integer, ratio, real, utf8_text
+from ..validate import seed as seed_type
+from .contract import Generation, check_attention_mask, check_prompt, decode_budget, refuse_unmasked_padding, reports
 
 
 class _SplitStatsAfterPrefill(LogitsProcessor):

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.budget import AllocationBudget, ThresholdBudget
-from .decoding import Chooser, Stepper, prefill, step_context
-from ..errors import GateSkipError
 from ..core.flops import ModelDims, flop_report
-from .contract import check_prompt, combine, decode_budget, stop_tokens
 from ..core.plan import SkipPlan
 from ..core.stats import SkipStats
+from ..errors import GateSkipError
+from .contract import check_prompt, combine, decode_budget, stop_tokens
+from .decoding import Chooser, Stepper, prefill, step_context
 
 
 @dataclass

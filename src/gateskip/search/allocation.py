@@ -37,17 +37,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core.budget import AllocationBudget
-from ..inference.calibrate import calibrate_allocation, ratio_key, sample_tokens
-from ..errors import GateSkipError
 from ..core.flops import ModelDims, flop_report, gate_flops_per_token
 from ..core.gates import GateBank
 from ..core.model import check_allocation_modules, decoder_layers, is_gated, read_gate_file
 from ..core.plan import SkipPlan
 from ..core.stats import SkipStats
-from .saturation import least_influential
+from ..errors import GateSkipError
 from ..files import save_figure
+from ..inference.calibrate import calibrate_allocation, ratio_key, sample_tokens
 from ..validate import (check_plot_file, existing_path, fits_context, integer, output_path, ratio, ratio_list,
                        text_source, token_batch)
+from .saturation import least_influential
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 

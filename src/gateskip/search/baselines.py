@@ -35,18 +35,18 @@ from pathlib import Path
 
 import torch
 
-from ..inference.calibrate import allocation_budget
 from ..core.budget import QuantileBudget, ThresholdBudget
-from ..inference.calibrate import ratio_key
 from ..core.config import GateConfig
-from ..errors import GateSkipError
 from ..core.gates import GateBank
 from ..core.model import decoder_layers, is_gated
 from ..core.plan import SkipPlan
-from .saturation import least_influential, saturation
 from ..core.stats import SkipStats
+from ..errors import GateSkipError
 from ..files import MODEL_WEIGHTS, atomic_folder
+from ..inference.calibrate import allocation_budget
+from ..inference.calibrate import ratio_key
 from ..validate import check_output_folder, existing_file, output_path
+from .saturation import least_influential, saturation
 
 METHODS = ("gateskip", "base", "random", "shortgpt", "calm", "mod")
 PRUNED = "gateskip-pruned.json"  # what `gateskip prune` writes beside the pruned model

@@ -30,16 +30,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..inference.calibrate import allocation_budget
-from .allocation import mean_kl
-from .baselines import make_method
-from ..inference.calibrate import sample_tokens
-from ..errors import GateSkipError
 from ..core.flops import ModelDims, flop_report
 from ..core.plan import SkipPlan
 from ..core.stats import SkipStats
+from ..errors import GateSkipError
 from ..files import atomic_folder, save_figure, write_json, write_text
+from ..inference.calibrate import allocation_budget
+from ..inference.calibrate import sample_tokens
 from ..validate import check_output_folder, existing_path, fits_context, integer, output_path, ratio, text_source
+from .allocation import mean_kl
+from .baselines import make_method
 
 EQUAL_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 TARGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)

@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from . import WORKER, engine_setup, require_vllm
 from ..errors import GateSkipError
 from ..loading import resolve_spec
 from ..validate import integer, ratio, real
-from . import WORKER, engine_setup, require_vllm
 from .metrics import register_collector
 from .spec import EngineSpec, describe, dumps, resolve
 

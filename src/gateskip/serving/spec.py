@@ -16,13 +16,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..inference.calibrate import allocation_budget
 from ..core.budget import AllocationBudget, ThresholdBudget, check_ratio
-from ..inference.calibrate import threshold_budget
 from ..core.config import GateConfig
-from ..errors import GateSkipError
 from ..core.gates import GateBank
 from ..core.model import GATE_FILE, SUPPORTED_MODEL_TYPES, _gate_file, check_allocation_modules, check_gates_fit, read_gate_file
+from ..errors import GateSkipError
+from ..inference.calibrate import allocation_budget
+from ..inference.calibrate import threshold_budget
 
 TARGET_ENV = "GATESKIP_TARGET"
 CONFIG_KEY = "gateskip"  # the attribute of the model's config that carries the spec

@@ -36,10 +36,10 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from ..errors import GateSkipError
 from ..core.layer import branch_norms
 from ..core.model import read_gate_file
 from ..core.plan import Decision, ForwardContext
+from ..errors import GateSkipError
 from .engine_skip import EngineSkip
 from .spec import EngineSpec
 

@@ -9,13 +9,13 @@ import sys
 
 from accelerate import PartialState
 
+from . import loop
 from ..core.config import APPLICATIONS, GATE_KINDS
 from ..data.textdata import BUNDLED
 from ..errors import GateSkipError
 from ..validate import Parser, output_name, text_source
 from ..validate import seed as seed_type
 from .config import MODES, OBJECTIVES, PRECISIONS, TrainConfig
-from . import loop
 
 
 def register(subparsers) -> None:

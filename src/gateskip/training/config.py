@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..core.config import APPLICATIONS, GATE_KINDS
-from ..errors import GateSkipError
-from ..data.textdata import BUNDLED
-from ..validate import MAX_SEED
 from . import checkpoint
+from ..core.config import APPLICATIONS, GATE_KINDS
+from ..data.textdata import BUNDLED
+from ..errors import GateSkipError
+from ..validate import MAX_SEED
 from .losses import check_sparsity_kind
 
 MODES = ("full", "frozen", "lora")

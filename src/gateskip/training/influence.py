@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ..core.gates import GateBank, importance
 from ..core.layer import branch_norms
+from ..core.model import decoder_layers
 from ..data.textdata import IGNORE
 from .losses import lm_loss
-from ..core.model import decoder_layers
 
 
 @torch.no_grad()

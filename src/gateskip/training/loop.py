@@ -33,6 +33,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from ..core.budget import AllocationBudget
 from ..core.config import GateConfig
 from ..core.model import add_gates, is_gated, load_gates, remove_gates, save_gates
@@ -40,11 +41,10 @@ from ..core.plan import GateTrace, SkipPlan
 from ..data.textdata import Blocks, build_blocks
 from ..errors import GateSkipError
 from ..files import atomic_folder, write_json, write_text
+from ..inference.calibrate import allocation_budget
 from ..inference.calibrate import calibrate, calibrate_allocation, ratio_key
 from ..loading import load_model
-from ..inference.calibrate import allocation_budget
 from ..validate import check_output_folder, read_json
-from . import checkpoint
 from .config import LOCAL_OBJECTIVES, LORA_TARGETS, RESUMABLE_CHANGES, RUN_FILES, TrainConfig
 from .influence import influence_loss
 from .losses import LossTerms, combine, lm_loss

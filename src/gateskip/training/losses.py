@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import GateSkipError
 from ..core.plan import GateTrace
 from ..data.textdata import IGNORE
+from ..errors import GateSkipError
 
 SPARSITY_KINDS = ("l2", "l1", "kl")
 
