@@ -2,13 +2,14 @@
 
 import shutil
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from gateskip.evaluation import tasks as T
 
-TEMPLATES = Path(T.__file__).resolve().parents[1] / "tasks"
+TEMPLATES = Path(str(resources.files("gateskip") / "tasks"))
 sys.path.insert(0, str(TEMPLATES))
 import code_tasks as C  # noqa: E402  (lm-eval loads it by path from beside the YAMLs, as here)
 
