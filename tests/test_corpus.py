@@ -6,14 +6,16 @@ copy with other line breaks, quotes or capitals is still found. Every evaluation
 (prompt, gold answer) pairs: the question or context (for MMLU, ARC, PIQA, basic arithmetic:
 the question; HellaSwag: the context; WinoGrande: the sentence up to the blank filled with the
 right option; LAMBADA/perplexity: the passage without its last word; GSM8K: the question and
-each block of the few-shot prompt) and the correct choice or target. From each pair:
+each block of the few-shot prompt; HumanEval: the prompt and canonical body, and the tests;
+MBPP: the problem and reference program, and the asserts) and the correct choice or target. From each pair:
 - the prompt alone and the answer alone are checked if they have >= 8 tokens (a short answer
   such as "yes", "4" or "Paris" says nothing on its own);
 - the prompt followed by the answer is always checked (>= 4 tokens): this is what catches
   "Calculate 5 + 91 = 96" or a short MMLU question with its answer.
 A checked text of up to 13 tokens must occur whole in the training text; a longer one is
-flagged if any 13-token window of it occurs (the GPT-3 paper's 13-gram rule), so a passage
-copied in part is found too.
+flagged if any 13-token window of it that holds a word occurs (the GPT-3 paper's 13-gram rule),
+so a passage copied in part is found too. A window of numbers and signs alone says nothing about
+an item: "0 1 2 ... 12" or a row of asterisks occurs in much of the standard library's source.
 """
 
 from __future__ import annotations
@@ -112,6 +114,22 @@ def gsm8k() -> Iterator[Pair]:
     yield from ((block, "") for block in sorted(shots))
 
 
+def humaneval() -> Iterator[Pair]:
+    """The prompt (signature and docstring) with the canonical body, and the tests alone."""
+    for r in _requests("codex_humaneval/gold_bpb_0shot"):
+        doc = r["doc"]
+        yield doc["prompt"], doc["canonical_solution"]
+        yield doc["test"], ""
+
+
+def mbpp() -> Iterator[Pair]:
+    """The problem statement with the reference program, and its asserts."""
+    for r in _requests("codex_mbpp/gold_bpb_0shot"):
+        doc = r["doc"]
+        yield doc["text"], doc["code"]
+        yield "\n".join(doc["test_list"] + doc["challenge_test_list"]), ""
+
+
 TASK_ITEMS: dict[str, Callable[[], Iterator[Pair]]] = {
     "arc_easy": lambda: _choice_items("ai2_arc/ARC-Easy"),
     "arc_challenge": lambda: _choice_items("ai2_arc/ARC-Challenge"),
@@ -123,6 +141,8 @@ TASK_ITEMS: dict[str, Callable[[], Iterator[Pair]]] = {
     "perplexity": lambada,  # the same LAMBADA passages, scored whole
     "gsm8k": gsm8k,
     "basic_arithmetic": lambda: _choice_items("allenai/basic_arithmetic/none"),
+    "humaneval": humaneval,
+    "mbpp": mbpp,
 }
 
 
@@ -187,7 +207,10 @@ class TextIndex:
         groups = [(np.array(rows[n]), np.array(row_labels[n])) for n in rows]
         if stream:
             windows = np.lib.stride_tricks.sliding_window_view(np.array(stream), WINDOW)
-            groups.append((windows, np.array(stream_labels[: len(windows)])))
+            # a window of numbers and signs alone (a count 0 1 2 ..., a row of asterisks) says nothing
+            wordy = np.array([False] + [any(c.isalpha() for c in t) for t in self.vocab])
+            has_word = wordy[np.clip(windows, 0, None)].any(axis=1)
+            groups.append((windows[has_word], np.array(stream_labels[: len(windows)])[has_word]))
         found: list[tuple[str, str, int]] = []
         inverse = {i: t for t, i in self.vocab.items()}
         for wanted, labels in groups:
@@ -224,6 +247,11 @@ def split() -> tuple[list[dict], list[dict]]:
 
 
 @pytest.fixture(scope="session")
+def code_split() -> tuple[list[dict], list[dict]]:
+    return corpus.split_documents(seed=0, sources=corpus.CODE_SOURCES)
+
+
+@pytest.fixture(scope="session")
 def train_index(split) -> TextIndex:
     return TextIndex([r["text"] for r in split[0]])
 
@@ -242,7 +270,11 @@ def test_every_task_yields_items(evaluation_probes):
     assert all(n > 100 for n in counts.values()), counts
 
 
-def test_training_and_heldout_text_hold_no_evaluation_item(split, evaluation_probes):
+@pytest.mark.parametrize("text", ["split", "code_split"])
+def test_training_and_heldout_text_hold_no_evaluation_item(text, evaluation_probes, request):
+    """The default mix, and the code text (the standard library's source) against every task,
+    HumanEval and MBPP included."""
+    split = request.getfixturevalue(text)
     rows = [dict(r, side="training") for r in split[0]] + [dict(r, side="held-out") for r in split[1]]
     found = TextIndex([r["text"] for r in rows]).find(evaluation_probes)
     assert not found, "evaluation items found:\n" + "\n".join(
@@ -251,12 +283,15 @@ def test_training_and_heldout_text_hold_no_evaluation_item(split, evaluation_pro
 
 def test_the_checker_flags_inserted_items():
     """It can fail: an ARC question with its answer, reformatted, inside a passage; a LAMBADA
-    passage's middle; a short MMLU question with its one-word answer. A lone short answer is
+    passage's middle; a short MMLU question with its one-word answer; an MBPP reference program
+    reindented in a source file. A lone short answer is
     not flagged (the rule)."""
     arc_q, arc_a = next(_choice_items("ai2_arc/ARC-Challenge"))
     passage = next(lambada())[0]
     short = next((q, a) for q, a in mmlu() if COMBINED <= len(tokens(q)) < ALONE and len(tokens(a)) <= 2)
-    items = probes({"arc_challenge": [(arc_q, arc_a)], "lambada": [(passage, "")], "mmlu": [short]})
+    problem, program = next(mbpp())
+    items = probes({"arc_challenge": [(arc_q, arc_a)], "lambada": [(passage, "")], "mmlu": [short],
+                    "mbpp": [(problem, program)]})
     clean = "The river delta was formed over thousands of years by sediment carried downstream."
     docs = [
         clean,
@@ -264,9 +299,10 @@ def test_the_checker_flags_inserted_items():
         "Some story. " + " ".join(passage.split()[5:5 + WINDOW + 2]) + " The end.",
         f"Quiz time. {short[0]} -- {short[1]}!",
         f"yes {short[1]} no",
+        "# utils.py\n" + program.replace("\r\n", "\n").replace("    ", "\t") + "\n# end",  # reindented
     ]
-    found = TextIndex(docs).find(items)
-    assert {(label, doc) for label, _, doc in found} == {("arc_challenge", 1), ("lambada", 2), ("mmlu", 3)}
+    found = TextIndex(docs).find(items, limit=1000)
+    assert {(label, doc) for label, _, doc in found} == {("arc_challenge", 1), ("lambada", 2), ("mmlu", 3), ("mbpp", 5)}
 
 
 def test_heldout_text_is_disjoint_from_training_text(split, train_index):
@@ -306,7 +342,7 @@ def test_split_is_seeded_and_keeps_near_copies_on_the_training_side(monkeypatch)
 
 
 def test_built_files_are_training_data(tmp_path, split, monkeypatch):
-    monkeypatch.setattr(corpus, "split_documents", lambda seed=0: split)
+    monkeypatch.setattr(corpus, "split_documents", lambda seed=0, **_: split)
     train_path = corpus.build_training_text(tmp_path / "train.jsonl.gz")
     heldout_path = corpus.build_heldout_text(tmp_path / "heldout.jsonl")
     assert [[(r["text"], True)] for r in split[0]] == read_documents(str(train_path))
@@ -314,7 +350,7 @@ def test_built_files_are_training_data(tmp_path, split, monkeypatch):
 
 
 def test_cli_writes_both_files(tmp_path, split, monkeypatch, capsys):
-    monkeypatch.setattr(corpus, "split_documents", lambda seed=0: split)
+    monkeypatch.setattr(corpus, "split_documents", lambda seed=0, **_: split)
     assert corpus.main([str(tmp_path / "t.jsonl.gz"), "--heldout", str(tmp_path / "h.jsonl.gz")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith(f"wrote {len(split[0])} documents")
@@ -329,3 +365,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert corpus.main([str(tmp_path / "t.jsonl.gz"), "--heldout", str(tmp_path / "t.jsonl.gz")]) == 2
     assert capsys.readouterr().err == "error: --heldout must name another file than the training text\n"
     assert not list(tmp_path.iterdir())  # nothing written, nothing built
+    assert corpus.main([str(tmp_path / "t.jsonl.gz"), "--sources", "squad,python_stlib"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown source 'python_stlib'; choose from squad, coqa")
+    assert not list(tmp_path.iterdir())
+
+
+def test_code_text_is_the_standard_librarys_source(code_split):
+    train, heldout = code_split
+    assert {r["source"] for r in train + heldout} == {"python_stdlib"}
+    assert len(train) > 500 and len(heldout) > 10
+    assert not {r["text"] for r in train} & {r["text"] for r in heldout}
+    assert any("def " in r["text"] for r in train)
+    sizes = sorted(len(r["text"]) for r in train)  # cut at blank lines into pieces of about 4,000 characters
+    assert 1000 < sizes[len(sizes) // 2] < 2 * corpus.SHAKESPEARE_PIECE_CHARS

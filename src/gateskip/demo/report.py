@@ -164,7 +164,8 @@ def _comparison_table(comparisons: list[dict], records: list[dict], layers: int)
 def _samples_md(samples: list[dict]) -> list[str]:
     md = []
     for prompt in dict.fromkeys(r["prompt"] for r in samples):
-        md += [f"Prompt: `{prompt!r}`", "", "| method | target | net saving | continuation |", "|---|---|---|---|"]
+        framed = next(r.get("chat_template", False) for r in samples if r["prompt"] == prompt)
+        md += [f"Prompt{' (through the chat template)' if framed else ''}: `{prompt!r}`", "", "| method | target | net saving | continuation |", "|---|---|---|---|"]
         for r in (r for r in samples if r["prompt"] == prompt):
             text = r["text"].replace("\n", " / ").replace("|", "\\|")
             note = f" ({r['note']})" if r.get("note") else ""

@@ -33,12 +33,12 @@ from ..training import checkpoint
 from ..validate import read_json
 from .job import Job
 
-PROMPTS = (
-    "Question: What do plants need to make food?\nAnswer:",
-    "Question: Why does ice float on water?\nAnswer:",
-    "Question: What is the largest planet in the solar system?\nAnswer:",
+QUESTIONS = (
+    "What do plants need to make food?",
+    "Why does ice float on water?",
+    "What is the largest planet in the solar system?",
 )
-DECODE_PROMPT = PROMPTS[0]
+DECODE_PROMPT = f"Question: {QUESTIONS[0]}\nAnswer:"
 PROXY_METHODS = ("gateskip", "equal", "shortgpt", "random")
 PROXY_FIELDS = ("loss", "kl", "agreement")
 ALLOCATION_LEVELS = (0.5, 1.0)  # skip ratios the search for gates trained here steps through: fewer forwards
@@ -194,15 +194,29 @@ def _greedy(tokenizer, new_tokens: int) -> dict:
                 pad_token_id=tokenizer.eos_token_id)
 
 
-def _continuations(model, tokenizer, prompt: str, targets, shortgpt, new_tokens: int) -> list[dict]:
-    """One prompt's greedy continuations: the base, the gates at each target, ShortGPT at each target."""
+def question_prompt(tokenizer, question: str) -> tuple[torch.Tensor, bool]:
+    """(input ids, whether the chat template made them): an instruct model gets the question as
+    its chat template frames a user turn, a base model (no template) "Question: ...\nAnswer:".
+    Raw text is not what an instruct model is made for: SmolLM2-135M-Instruct itself answers
+    one of the raw question prompts with nothing, and with the shipped gates its end-of-turn
+    token wins on all three (docs/generation.md, "Raw prompts and the chat template")."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        return ids, True
+    return tokenizer(f"Question: {question}\nAnswer:", return_tensors="pt")["input_ids"], False
+
+
+def _continuations(model, tokenizer, question: str, targets, shortgpt, new_tokens: int) -> list[dict]:
+    """One question's greedy answers: the base, the gates at each target, ShortGPT at each target."""
     kw = _greedy(tokenizer, new_tokens)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids, chat = question_prompt(tokenizer, question)
     dims = ModelDims.from_config(model.config)
 
     def row(method: str, target: float, saving: float, seq: torch.Tensor, **extra) -> dict:
         text = tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True)
-        return {"prompt": prompt, "method": method, "target": target, "net_saving": saving, "text": text, **extra}
+        return {"prompt": question, "chat_template": chat, "method": method, "target": target, "net_saving": saving,
+                "text": text, **extra}
 
     rows = [row("base", 0.0, 0.0, model.generate(ids, **kw))]
     for t in targets:
@@ -218,15 +232,16 @@ def _continuations(model, tokenizer, prompt: str, targets, shortgpt, new_tokens:
 
 
 def stage_samples(job: Job, model, tokenizer, search_blocks) -> list[dict]:
-    """Greedy continuations of question prompts: base, the gates at a few targets (calibrated
-    thresholds, gateskip.inference.generation), ShortGPT with as many layers removed."""
+    """Greedy answers to a few questions (through the chat template where the model has one): base,
+    the gates at a few targets (calibrated thresholds, gateskip.inference.generation), ShortGPT
+    with as many layers removed."""
     path = job.out / "samples.json"
     with job.stage("samples", reused=job.reusable(path)):
         if path.is_file():
             return read_json(path, "stage result")
         shortgpt = make_method("shortgpt", model, sample=search_blocks)
         with torch.inference_mode():
-            rows = [r for prompt in PROMPTS for r in _continuations(model, tokenizer, prompt, job.sizes.sample_targets,
+            rows = [r for q in QUESTIONS for r in _continuations(model, tokenizer, q, job.sizes.sample_targets,
                                                                    shortgpt, job.sizes.new_tokens)]
         job.write_json(path.name, rows)
     return rows

@@ -9,6 +9,7 @@ import torch
 
 from ..core.config import GATE_KINDS, GateConfig
 from ..core.model import add_gates, load_gates, remove_gates
+from ..core.stats import SkipStats
 from ..data.samples import sample_batch
 from ..errors import GateSkipError
 from ..inference.calibrate import calibrate
@@ -50,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate importance thresholds at the swept budgets on the sample text first, so that "
                         "generative tasks skip in decode steps too (kept in memory, not written to the gate file)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="frame each prompt with the model's chat template (instruct models; lm-eval's "
+                        "--apply_chat_template)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps (checked to exist here)")
     p.add_argument("--seed", type=seed_type, default=0)
@@ -73,13 +77,16 @@ def run(args: argparse.Namespace) -> int:
     gates = args.gates or (f"fresh:{args.fresh_gates}:seed{args.seed}" if args.fresh_gates else None)
     settings = SweepSettings(model=args.model, gates=gates, router=args.router, limit=args.limit, data=args.data,
                              quantize=args.quantize, num_fewshot=args.num_fewshot, seed=args.seed, calibrated=args.calibrate, dtype=args.dtype,
-                             batch_size=args.batch_size, sample_text=str(args.sample_text) if args.sample_text else None)
+                             batch_size=args.batch_size, sample_text=str(args.sample_text) if args.sample_text else None,
+                             chat_template=args.chat_template)
 
     check_dtype(getattr(torch, args.dtype), args.device)
     check_output_folder(args.out, writes=(RESULTS, TABLE, FIGURE), resumes=RESULTS)
     if args.include_path:
         check_task_folder(args.include_path)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if args.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise GateSkipError(f"--chat-template: {args.model}'s tokenizer has no chat template (a base model: drop the flag)")
     router = None
     if args.router:  # loaded first, then set aside: the model carries the gateskip gates
         router = load_gates(model, args.router).gate_bank
@@ -101,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         calibrate(model, sample, [b for b in budgets if b > 0])
     built = {name: make_method(name, model, sample, seed=args.seed, router=router)
              for name in dict.fromkeys(["base", *methods])}
+    if "gateskip" in built:  # a target with no stored allocation fails now, not after the points before it
+        for b in budgets:
+            built["gateskip"].plans(b, SkipStats())
 
     sweep = Sweep(settings, tasks, budgets, methods, args.out, include=args.include_path)
     run_sweep(sweep, model, tokenizer, built)

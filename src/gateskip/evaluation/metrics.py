@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 # The figure a task is judged by, in order of preference.
-PRIMARY = ("acc", "exact_match", "word_perplexity")
+PRIMARY = ("acc", "exact_match", "pass@1", "word_perplexity")
 LOWER_IS_BETTER = ("word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
 
 

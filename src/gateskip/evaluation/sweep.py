@@ -22,7 +22,7 @@ from ..core.stats import SkipStats
 from ..errors import GateSkipError
 from ..search.baselines import Method
 from .report import markdown_table, plot
-from .tasks import task_manager
+from .tasks import SANDBOXED, task_manager
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -48,6 +48,7 @@ class SweepSettings:
     batch_size: int = 1  # 1 in files written before this setting existed; scores equal batch 1's to round-off
     sample_text: str | None = None  # None: the bundled SQuAD passages
     router: str | None = None  # gate file of the MoD-style router (method mod)
+    chat_template: bool = False  # prompts framed by the model's chat template (instruct models)
 
 
 @dataclass
@@ -160,7 +161,9 @@ def run_sweep(sweep: Sweep, model, tokenizer, methods: dict[str, Method]) -> lis
         with method.attached(model):
             result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=sweep.settings.limit,
                                      num_fewshot=sweep.settings.num_fewshot, log_samples=False,
-                                     random_seed=sweep.settings.seed, bootstrap_iters=1000, verbosity="WARNING")
+                                     random_seed=sweep.settings.seed, bootstrap_iters=1000, verbosity="WARNING",
+                                     apply_chat_template=sweep.settings.chat_template,
+                                     confirm_run_unsafe_code=sweep.settings.data == "bundled" and task in SANDBOXED)
         seconds = time.perf_counter() - start
         generates = any(c.get("output_type") == "generate_until" for c in result.get("configs", {}).values())
         flops = flop_report(stats, dims, method.bank.config if method.charge_gates else None)

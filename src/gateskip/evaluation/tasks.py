@@ -35,7 +35,14 @@ BUNDLED_TASKS = {
     "gsm8k": "gsm8k.yaml",
     "basic_arithmetic": "basic_arithmetic.yaml",
     "perplexity": "perplexity.yaml",
+    "humaneval": "humaneval.yaml",
+    "mbpp": "mbpp.yaml",
 }
+# Python files a task's YAML names with `!function`: lm-eval loads them from beside the YAML.
+HELPERS = {"humaneval": "code_tasks.py", "mbpp": "code_tasks.py"}
+# Tasks whose programs run in gateskip's sandbox (gateskip.evaluation.sandbox), so lm-eval may
+# be told to run them without asking; lm-eval's own code tasks run programs unsandboxed.
+SANDBOXED = ("humaneval", "mbpp")
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train"
 
 
@@ -94,6 +101,8 @@ def rendered_tasks(names: list[str]) -> dict[str, str]:
             text = _render(template, data)
             _check_data_files(text, name)
             files[BUNDLED_TASKS[name]] = text
+        if name in HELPERS:
+            files[HELPERS[name]] = (templates / HELPERS[name]).read_text()
     return files
 
 

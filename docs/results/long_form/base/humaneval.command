@@ -1,0 +1,1 @@
+.venv/bin/lm_eval --model vllm --model_args pretrained=/root/.cache/gateskip/qwen2.5-coder-0.5b-instruct,enforce_eager=True,dtype=bfloat16,max_model_len=2048,seed=0 --tasks humaneval --include_path /root/.cache/gateskip/tasks --apply_chat_template --confirm_run_unsafe_code --batch_size auto --output_path docs/results/long_form/base/humaneval --log_samples
