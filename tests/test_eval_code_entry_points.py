@@ -20,8 +20,6 @@ import lm_eval
 import pytest
 import torch
 from lm_eval.tasks import TaskManager
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_model
 from gateskip import GateConfig, add_gates, save_gates
@@ -29,6 +27,7 @@ from gateskip.errors import GateSkipError
 from gateskip.evaluation import cli
 from gateskip.evaluation.sweep import RESULTS, TABLE
 from gateskip.inference.calibrate import calibrate_allocation
+from test_eval_harness import char_tokenizer
 
 TEMPLATES = Path(str(resources.files("gateskip") / "tasks"))
 TASK = "tiny_code"
@@ -39,15 +38,6 @@ PROBLEMS = [
      "test_setup_code": "", "code": "def add(a, b):\n    return a + b\n"},
 ]
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?:+-=()[]_'`\n"
-
-
-def eos_first_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, with the end of text as id 0 (what a zero output layer picks)."""
-    vocab = {"<eos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
 
 
 def silent_model(**overrides):
@@ -66,7 +56,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     """The model plain (base/), with unit gates and an allocation (gated/), its gates alone (gates/),
     and the task folder: MBPP's YAML over two problems, code_tasks.py beside it."""
     root = tmp_path_factory.mktemp("code_entry")
-    tok = eos_first_tokenizer()
+    tok = char_tokenizer(CHARS, eos_first=True)  # the end of text is id 0, what a zero output layer picks
     model = silent_model()
     model.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")

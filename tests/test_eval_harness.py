@@ -13,9 +13,11 @@ from gateskip.evaluation.harness import GatedLM
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-=\n"
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (48 ids), small enough for the tiny models' vocabulary."""
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+def char_tokenizer(chars: str = CHARS, eos_first: bool = False) -> PreTrainedTokenizerFast:
+    """One token per character (48 ids with CHARS), small enough for the tiny models' vocabulary;
+    `eos_first` makes the end of text id 0 (<unk> 1)."""
+    special = ["<eos>", "<unk>"] if eos_first else ["<unk>", "<eos>"]
+    vocab = {**{t: i for i, t in enumerate(special)}, **{c: i + 2 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()

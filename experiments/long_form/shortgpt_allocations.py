@@ -19,7 +19,7 @@ from gateskip.search.allocation import predicted_saving, sample_costs
 from gateskip.search.saturation import least_influential
 
 TARGETS = (0.05, 0.1, 0.15, 0.2, 0.25)
-TEXT, SEQUENCES, LENGTH = "runs/data/code_train.jsonl.gz", 8, 128  # as the gates' allocation search
+TEXT, SEQUENCES, LENGTH = "runs/data/code_train.jsonl.gz", 4, 128  # as the gates' allocation search
 
 source, out = Path(sys.argv[1]), Path(sys.argv[2])
 model, tok = load_model("qwen2.5-coder-0.5b")

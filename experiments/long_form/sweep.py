@@ -7,7 +7,8 @@ only what is missing and differences can be paired), and table.md / pass_at_1.pn
 after each point.
 
     .venv/bin/python experiments/long_form/sweep.py --out docs/results/long_form/sweep \
-        --row gateskip=runs/qwen-coder-infl/final --row shortgpt=runs/qwen-coder-shortgpt --targets 0.15 0.25
+        --row gateskip=runs/qwen-coder-infl/final --row shortgpt=runs/qwen-coder-shortgpt --targets 0.15 0.25 \
+        --base-from docs/results/long_form/base
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ TASKS = ("humaneval", "mbpp")
 WORKER = "gateskip.serving.worker.GateSkipWorker"
 
 
-def point(row: str, gates: str | None, target: float, task: str, out: Path) -> dict:
+def point(row: str, gates: str | None, target: float, task: str, out: Path, limit: int | None = None) -> dict:
     """One engine, one task: pass@1 with its standard error, per-problem outcomes, what was skipped."""
     from lm_eval import simple_evaluate
     from lm_eval.models.vllm_causallms import VLLM
@@ -44,7 +45,7 @@ def point(row: str, gates: str | None, target: float, task: str, out: Path) -> d
     tasks = render_tasks([task], out / "tasks")
     start = time.perf_counter()
     result = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(tasks)),
-                             apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True,
+                             apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True, limit=limit,
                              random_seed=0, verbosity="WARNING")
     seconds = time.perf_counter() - start
     scores = result["results"][task]
@@ -57,6 +58,26 @@ def point(row: str, gates: str | None, target: float, task: str, out: Path) -> d
             "skip_fraction": report["skip_fraction"] if report else 0.0,
             "tokens": report["tokens"] if report else None, "seconds": round(seconds, 1),
             "gates": gates}
+
+
+def base_records(folder: Path) -> list[dict]:
+    """The base rows from base_pass_at_1.sh's lm-eval output (the same engine, settings and
+    prompts, run through lm-eval's command line), instead of running them again."""
+    records = []
+    for task in TASKS:
+        results = sorted(folder.glob(f"{task}/*/results_*.json"))
+        samples = sorted(folder.glob(f"{task}/*/samples_{task}_*.jsonl"))
+        if not results or not samples:
+            continue
+        scores = json.loads(results[-1].read_text())["results"][task]
+        rows = sorted((json.loads(line) for line in samples[-1].open()), key=lambda r: r["doc_id"])
+        log = (folder / f"{task}.log").read_text()
+        seconds = float(log.rsplit("wall seconds: ", 1)[1].split()[0]) if "wall seconds: " in log else float("nan")
+        records.append({"row": "base", "target": 0.0, "task": task, "pass@1": scores["pass@1,sandbox"],
+                        "stderr": scores["pass@1_stderr,sandbox"], "problems": len(rows),
+                        "passed": [int(r["pass@1"]) for r in rows], "net_saving": 0.0, "skip_fraction": 0.0,
+                        "tokens": None, "seconds": seconds, "gates": None, "from": str(folder)})
+    return records
 
 
 def table(records: list[dict]) -> str:
@@ -99,17 +120,21 @@ def main() -> int:
     p.add_argument("--row", action="append", default=[], help="NAME=GATE_FILE (its allocations give the targets)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25])
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--limit", type=int, help="problems per task (a quick look; not for the table)")
+    p.add_argument("--base-from", type=Path, help="take the base rows from base_pass_at_1.sh's output folder")
     p.add_argument("--point", nargs=4, metavar=("ROW", "GATES", "TARGET", "TASK"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.point:  # the child: one point, its record as the last line
         row, gates, target, task = args.point
-        record = point(row, None if gates == "-" else gates, float(target), task, args.out)
+        record = point(row, None if gates == "-" else gates, float(target), task, args.out, args.limit)
         print("RECORD " + json.dumps(record))
         return 0
 
     results = args.out / "results.json"
     records = json.loads(results.read_text()) if results.is_file() else []
+    if args.base_from and not any(r["row"] == "base" for r in records):
+        records += base_records(args.base_from)
     done = {(r["row"], r["target"], r["task"]) for r in records}
     rows = [tuple(r.split("=", 1)) for r in args.row]
     todo = [("base", "-", 0.0, t) for t in args.tasks]
@@ -121,7 +146,9 @@ def main() -> int:
         log = args.out / "logs" / f"{row}-{target:g}-{task}.log"
         log.parent.mkdir(exist_ok=True)
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--point", row, gates, str(target), task],
+            limit = ["--limit", str(args.limit)] if args.limit else []
+            proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), *limit, "--point", row, gates,
+                                   str(target), task],
                                   stdout=subprocess.PIPE, stderr=f, text=True, env=os.environ)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:
