@@ -33,8 +33,11 @@ fi
 if [[ $step == allocate || $step == all ]]; then
   # the paper's 15 % and the 25 %: per target, up to 3 exchanges from ShortGPT's removal,
   # measured in bf16 on 4 x 128 training tokens (what fits a session here)
-  $G allocate qwen2.5-coder-0.5b --gates $RUN/final --targets ${TARGETS:-0.15 0.25} --refine removal --rounds 3 \
+  T=${TARGETS:-0.15 0.25}
+  $G allocate qwen2.5-coder-0.5b --gates $RUN/final --targets $T --refine removal --rounds 3 \
     --bf16 --text runs/data/code_train.jsonl.gz --sequences 4 --length 128 --levels 0.5 1.0 \
-    --plot docs/results/long_form/allocation.png --overwrite 2>&1 | tee runs/logs/qwen-coder-allocate.log
-  cp runs/logs/qwen-coder-allocate.log docs/results/long_form/allocate.log
+    --plot docs/results/long_form/allocation.png --overwrite 2>&1 | tee runs/logs/qwen-coder-allocate-${T// /-}.log
+  # the log without its progress bars
+  tr '\r' '\n' < runs/logs/qwen-coder-allocate-${T// /-}.log | grep -v -E "(it/s|module|exchange)\]$|^\s*$" \
+    > docs/results/long_form/allocate-${T// /-}.log
 fi

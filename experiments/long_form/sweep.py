@@ -51,6 +51,11 @@ def point(row: str, gates: str | None, target: float, task: str, out: Path, limi
     scores = result["results"][task]
     samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
     report = skip_report(lm.model) if spec else None
+    kept = out / "samples" / f"{row}-{target:g}-{task}.jsonl"  # what the model wrote, and how its program ended
+    kept.parent.mkdir(exist_ok=True)
+    with open(kept, "w") as f:
+        for s in samples:
+            f.write(json.dumps({"doc_id": s["doc_id"], "answer": s["resps"][0][0], "outcome": s["filtered_resps"][0][0]}) + "\n")
     return {"row": row, "target": target, "task": task, "pass@1": scores["pass@1,sandbox"],
             "stderr": scores["pass@1_stderr,sandbox"], "problems": len(samples),
             "passed": [int(s["pass@1"]) for s in samples],
