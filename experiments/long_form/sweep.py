@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def point(row: str, gates: str | None, target: float, task: str, out: Path, limi
     spec = resolve(folder, gates, target)
     lm = VLLM(pretrained=folder, dtype="bfloat16", max_model_len=2048, seed=0, enforce_eager=True,
               hf_overrides=overrides(spec) or None, worker_extension_cls=WORKER)
-    tasks = render_tasks([task], out / "tasks")
+    tasks = render_tasks([task], tempfile.mkdtemp(prefix="gateskip-tasks-"))  # this machine's paths: not kept
     start = time.perf_counter()
     result = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(tasks)),
                              apply_chat_template=True, confirm_run_unsafe_code=True, log_samples=True, limit=limit,
