@@ -18,7 +18,7 @@ from gateskip import load_gates, load_model
 from gateskip.evaluation.tasks import data_root
 from gateskip.inference.decoding import decode
 
-PROBLEMS, NEW = 4, 96
+PROBLEMS, NEW = 3, 64
 ASK = "Please provide a self-contained Python script that solves the following problem in a markdown code block:\n```\n{}\n```\n"
 START = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:\n```python\n"
 
