@@ -23,7 +23,7 @@ from ..inference.bench import decode_speed, prefill_speed
 from ..inference.calibrate import allocation_budget
 from ..inference.calibrate import calibrate_allocation, sample_tokens
 from ..inference.contract import reports
-from ..inference.generation import generate
+from ..inference.generation import encode_prompt, generate, has_chat_template
 from ..search.allocation import plot as plot_allocations, search, store
 from ..search.baselines import make_method
 from ..search.proxy import CONTINUATION_TOKENS, PROMPT_TOKENS, greedy_continuations, plot as plot_proxy
@@ -200,11 +200,8 @@ def question_prompt(tokenizer, question: str) -> tuple[torch.Tensor, bool]:
     Raw text is not what an instruct model is made for: SmolLM2-135M-Instruct itself answers
     one of the raw question prompts with nothing, and with the shipped gates its end-of-turn
     token wins on all three (docs/generation.md, "Raw prompts and the chat template")."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        return ids, True
-    return tokenizer(f"Question: {question}\nAnswer:", return_tensors="pt")["input_ids"], False
+    chat = has_chat_template(tokenizer)
+    return encode_prompt(tokenizer, question if chat else f"Question: {question}\nAnswer:", chat), chat
 
 
 def _continuations(model, tokenizer, question: str, targets, shortgpt, new_tokens: int) -> list[dict]:

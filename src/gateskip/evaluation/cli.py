@@ -13,6 +13,7 @@ from ..core.stats import SkipStats
 from ..data.samples import sample_batch
 from ..errors import GateSkipError
 from ..inference.calibrate import calibrate
+from ..inference.generation import has_chat_template
 from ..search.baselines import IDENTITY_GATES, METHODS, make_method
 from ..validate import (check_dtype, check_output_folder, device, existing_file, existing_folder, existing_path, integer,
                          output_path)
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.include_path:
         check_task_folder(args.include_path)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    if args.chat_template and not getattr(tokenizer, "chat_template", None):
+    if args.chat_template and not has_chat_template(tokenizer):
         raise GateSkipError(f"--chat-template: {args.model}'s tokenizer has no chat template (a base model: drop the flag)")
     router = None
     if args.router:  # loaded first, then set aside: the model carries the gateskip gates

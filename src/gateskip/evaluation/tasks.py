@@ -38,11 +38,12 @@ BUNDLED_TASKS = {
     "humaneval": "humaneval.yaml",
     "mbpp": "mbpp.yaml",
 }
-# Python files a task's YAML names with `!function`: lm-eval loads them from beside the YAML.
-HELPERS = {"humaneval": "code_tasks.py", "mbpp": "code_tasks.py"}
-# Tasks whose programs run in gateskip's sandbox (gateskip.evaluation.sandbox), so lm-eval may
-# be told to run them without asking; lm-eval's own code tasks run programs unsandboxed.
+# Tasks whose programs run in gateskip's sandbox (gateskip.evaluation.sandbox, through
+# code_tasks.py), so lm-eval may be told to run them without asking; lm-eval's own code tasks
+# run programs unsandboxed.
 SANDBOXED = ("humaneval", "mbpp")
+# Python files a task's YAML names with `!function`: lm-eval loads them from beside the YAML.
+HELPERS = {name: "code_tasks.py" for name in SANDBOXED}
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train"
 
 

@@ -131,9 +131,14 @@ def decode_prompt(model, ids: torch.Tensor, args: argparse.Namespace, streamer=N
                   eos_token_id=model.generation_config.eos_token_id, streamer=streamer, compile=args.compile, **sampling)
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """The prompt's ids, framed as a user turn by the chat template when `chat`."""
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
+        if not has_chat_template(tokenizer):
             raise GateSkipError("this tokenizer has no chat template; drop --chat")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
