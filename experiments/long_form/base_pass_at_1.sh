@@ -14,20 +14,19 @@ DTYPE=${DTYPE:-bfloat16}
 MODEL=$(.venv/bin/python -c "from gateskip.loading import resolve_spec; print(resolve_spec('qwen2.5-coder-0.5b'))")
 TASKS=$(.venv/bin/gateskip tasks --tasks humaneval,mbpp)
 mkdir -p "$OUT"
-{ date -u; lscpu | grep -E "^(Model name|CPU\(s\))"; .venv/bin/python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"; } > "$OUT/MACHINE"
-for task in "${@:-humaneval mbpp}"; do
-  for t in $task; do
-    if [ -f "$OUT/$t.log" ]; then echo "$t: done ($OUT/$t.log)"; continue; fi
-    cmd=(.venv/bin/lm_eval --model vllm
-         --model_args "pretrained=$MODEL,enforce_eager=True,dtype=$DTYPE,max_model_len=2048,seed=0"
-         --tasks "$t" --include_path "$TASKS" --apply_chat_template --confirm_run_unsafe_code
-         --batch_size auto --output_path "$OUT/$t" --log_samples)
-    echo "${cmd[*]}" > "$OUT/$t.command"
-    start=$(date +%s)
-    VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-6} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1} \
-      "${cmd[@]}" > "$OUT/$t.log.part" 2>&1
-    echo "wall seconds: $(( $(date +%s) - start ))" >> "$OUT/$t.log.part"
-    mv "$OUT/$t.log.part" "$OUT/$t.log"
-    grep -E "pass@1|wall seconds" "$OUT/$t.log"
-  done
+[ -f "$OUT/MACHINE" ] || { date -u; lscpu | grep -E "^(Model name|CPU\(s\))"; .venv/bin/python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"; } > "$OUT/MACHINE"
+tasks=("$@"); [ ${#tasks[@]} -gt 0 ] || tasks=(humaneval mbpp)
+for t in "${tasks[@]}"; do
+  if [ -f "$OUT/$t.log" ]; then echo "$t: done ($OUT/$t.log)"; continue; fi
+  cmd=(.venv/bin/lm_eval --model vllm
+       --model_args "pretrained=$MODEL,enforce_eager=True,dtype=$DTYPE,max_model_len=2048,seed=0"
+       --tasks "$t" --include_path "$TASKS" --apply_chat_template --confirm_run_unsafe_code
+       --batch_size auto --output_path "$OUT/$t" --log_samples)
+  echo "${cmd[*]}" > "$OUT/$t.command"
+  start=$(date +%s)
+  VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-6} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1} \
+    "${cmd[@]}" > "$OUT/$t.log.part" 2>&1
+  echo "wall seconds: $(( $(date +%s) - start ))" >> "$OUT/$t.log.part"
+  mv "$OUT/$t.log.part" "$OUT/$t.log"
+  grep -E "pass@1|wall seconds" "$OUT/$t.log"
 done
