@@ -27,6 +27,7 @@ import subprocess
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,6 +252,17 @@ def code_split() -> tuple[list[dict], list[dict]]:
     return corpus.split_documents(seed=0, sources=corpus.CODE_SOURCES)
 
 
+SELF_ANSWERS = Path(__file__).parents[1] / "docs/results/long_form/self_answers"
+
+
+@pytest.fixture(scope="session")
+def self_answers() -> tuple[list[dict], list[dict]]:
+    """The 0.5B model's own answers to standard-library stubs (experiments/long_form/self_answers.py):
+    committed gate training and calibration text, so it is checked like the built text."""
+    return tuple([json.loads(line) for line in gzip.open(SELF_ANSWERS / f"{side}.jsonl.gz", "rt")]
+                 for side in ("train", "heldout"))
+
+
 @pytest.fixture(scope="session")
 def train_index(split) -> TextIndex:
     return TextIndex([r["text"] for r in split[0]])
@@ -270,10 +282,10 @@ def test_every_task_yields_items(evaluation_probes):
     assert all(n > 100 for n in counts.values()), counts
 
 
-@pytest.mark.parametrize("text", ["split", "code_split"])
+@pytest.mark.parametrize("text", ["split", "code_split", "self_answers"])
 def test_training_and_heldout_text_hold_no_evaluation_item(text, evaluation_probes, request):
-    """The default mix, and the code text (the standard library's source) against every task,
-    HumanEval and MBPP included."""
+    """The default mix, the code text (the standard library's source) and the 0.5B model's own
+    answers against every task, HumanEval and MBPP included."""
     split = request.getfixturevalue(text)
     rows = [dict(r, side="training") for r in split[0]] + [dict(r, side="held-out") for r in split[1]]
     found = TextIndex([r["text"] for r in rows]).find(evaluation_probes)
@@ -378,3 +390,15 @@ def test_code_text_is_the_standard_librarys_source(code_split):
     assert any("def " in r["text"] for r in train)
     sizes = sorted(len(r["text"]) for r in train)  # cut at blank lines into pieces of about 4,000 characters
     assert 1000 < sizes[len(sizes) // 2] < 2 * corpus.SHAKESPEARE_PIECE_CHARS
+
+
+def test_self_answers_come_from_their_own_side_of_the_code_text(self_answers, code_split):
+    """Each answer's prompt is a function stub from the standard library's source: the training
+    answers' from the code text's training side, the held-out answers' from its held-out side."""
+    stub = re.compile(r"```\n(def (\w+)\(.*?)\n```", re.S)
+    for answers, side in ((self_answers[0], code_split[0]), (self_answers[1], code_split[1])):
+        names = {stub.search(r["text"]).group(2) for r in answers}
+        assert len(names) > 20
+        assert all(any(f"def {n}(" in d["text"] for d in side) for n in names)
+    held_stubs = {stub.search(r["text"]).group(1) for r in self_answers[1]}
+    assert not any(s in r["text"] for r in self_answers[0] for s in held_stubs)
