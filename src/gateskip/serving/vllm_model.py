@@ -8,6 +8,10 @@ and decode mixed), viewed as one row of N tokens:
 
     h <- h + keep_attn * attn(norm_in(h)),   h <- h + keep_mlp * mlp(norm_post(h))
 
+with the stock layers' arithmetic: a branch output is added by the next norm, which sums in fp32
+and normalises the unrounded sum (vLLM's fused add-norm), so at target 0 the engine writes the
+stock model's tokens in bf16 too, not only in fp32.
+
 (Gemma3 also normalises each branch output before it is added, and normalises q and k per head.)
 
 Decisions are gateskip.core.plan's ForwardContext with the target's calibrated thresholds: per
@@ -67,34 +71,49 @@ def kept_rows(d: Decision) -> torch.Tensor | None:
     return None if d.keep is None else d.keep[0].nonzero().squeeze(1)
 
 
-def add(h: torch.Tensor, out: torch.Tensor, d: Decision, rows: torch.Tensor | None, out_norm: nn.Module | None
-        ) -> torch.Tensor:
-    """h with the branch outputs of `rows` added (Gemma3 normalises them, soft gates scale them first)."""
+def norm_adding(norm: nn.Module, h: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h + pending), h + pending): the branch input and the residual stream with the last
+    branch output added, as vLLM's layers compute them (the norm adds, in fp32, and normalises the
+    unrounded sum), so a module that skips nothing computes exactly what the stock model does."""
+    return (norm(h), h) if pending is None else norm(pending, h)
+
+
+def branch_output(h: torch.Tensor, out: torch.Tensor, d: Decision, rows: torch.Tensor | None,
+                  out_norm: nn.Module | None) -> torch.Tensor:
+    """The branch outputs of `rows` as an (N, d) tensor for the next norm to add, zero for the
+    tokens that skip (adding zero leaves their stream unchanged, bit for bit). Gemma3 normalises
+    the outputs, soft gates scale them first."""
     if out_norm is not None:
         out = out_norm(out)
     if d.scale is not None:
         scale = d.scale[0]
         out = out * (scale if rows is None else scale[rows])
-    return h + out if rows is None else h.index_add(0, rows, out)
+    return out if rows is None else torch.zeros_like(h).index_copy_(0, rows, out)
 
 
-def gated_layer(layer: nn.Module, i: int, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-    """One decoder layer on the flattened tokens h (N, d), read top to bottom."""
+def gated_layer(layer: nn.Module, i: int, positions: torch.Tensor, h: torch.Tensor, pending: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoder layer on the flattened tokens, read top to bottom: h (N, d) is the residual stream,
+    `pending` the last branch output, added by the next norm as in vLLM's stock layers."""
     norms = branch_norms(layer)
     norm_in, norm_out = norms["attn"]
-    x = None if ctx.removes("attn", i) else norm_in(h)
+    x = None
+    if not ctx.removes("attn", i):
+        (x, h), pending = norm_adding(norm_in, h, pending), None
     d = ctx.decide("attn", i, None if x is None else x[None])
     if not d.removed:
         rows = kept_rows(d)
-        h = add(h, attention(layer.self_attn, positions, x, rows), d, rows, norm_out)
+        pending = branch_output(h, attention(layer.self_attn, positions, x, rows), d, rows, norm_out)
 
     norm_in, norm_out = norms["mlp"]
-    x = None if ctx.removes("mlp", i) else norm_in(h)
+    x = None
+    if not ctx.removes("mlp", i):
+        (x, h), pending = norm_adding(norm_in, h, pending), None
     d = ctx.decide("mlp", i, None if x is None else x[None])
     if not d.removed:
         rows = kept_rows(d)
-        h = add(h, layer.mlp(x if rows is None else x[rows]), d, rows, norm_out)
-    return h
+        pending = branch_output(h, layer.mlp(x if rows is None else x[rows]), d, rows, norm_out)
+    return h, pending
 
 
 class GatedForCausalLM:
@@ -127,11 +146,12 @@ class GatedForCausalLM:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         inner = self.model
         h = inner.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        pending = None
         with self.skip.lock:
             ctx = self.skip.context(positions)
             for i, layer in enumerate(inner.layers):
-                h = gated_layer(layer, i, positions, h, ctx)
-        return inner.norm(h)
+                h, pending = gated_layer(layer, i, positions, h, pending, ctx)
+        return norm_adding(inner.norm, h, pending)[0]
 
     def load_weights(self, weights):
         """The stock weights through vLLM's loader; the gates from their own file (a gated folder's
