@@ -39,6 +39,6 @@ if [[ $step == train || $step == all ]]; then
   $G train qwen2.5-coder-0.5b --data $TEXT --out $RUN --mode frozen --init-gates $START --allocation 0.1 0.15 \
     --sparsity-weight 0 --distill-weight 1.0 --gate-lr 1e-3 --seq-len 256 --batch-size 2 --steps 200 \
     --mixed-precision bf16 --max-minutes 25 --eval-blocks 4 --save-every 10 $resume 2>&1 | tee -a runs/logs/qwen-coder-self.log
-  tr '\r' '\n' < runs/logs/qwen-coder-self.log | grep -v -E "it/s\]$|^\s*$" > docs/results/long_form/self_text/train.log
+  tr '\r' '\n' < runs/logs/qwen-coder-self.log | grep -v -E "^train: |it/s\]$|^\s*$" > docs/results/long_form/self_text/train.log
   cp $RUN/metrics.jsonl docs/results/long_form/self_text/
 fi

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The held-out proxy beside the sweep: LM loss, KL to the base and next-token agreement against
+# measured net FLOP saving, for three gate sets under their allocations (trained on the answers;
+# the stdlib gates with allocations searched on the answers; the stdlib gates as they were),
+# ShortGPT and random, on held-out code twice: the model's own chat-format answers to held-out stubs (what the sweep
+# decodes) and held-out standard-library source (what the first gates trained on). ShortGPT ranks
+# layers on the code training text, as shortgpt_allocations.py does.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+for held in answers:docs/results/long_form/self_answers/heldout.jsonl.gz stdlib:runs/data/code_heldout.jsonl.gz; do
+  .venv/bin/gateskip proxy qwen2.5-coder-0.5b --gates runs/qwen-coder-self/final --gates runs/qwen-coder-self-start \
+    --gates runs/qwen-coder-infl/final \
+    --methods gateskip,shortgpt,random --text ${held#*:} --search-text runs/data/code_train.jsonl.gz \
+    --blocks 8 --length 256 --targets 0.05 0.1 0.15 0.25 --agreement 8 \
+    --out docs/results/long_form/proxy/${held%%:*} --overwrite
+done
