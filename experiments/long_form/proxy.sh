@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-for held in answers:docs/results/long_form/self_answers/heldout.jsonl.gz stdlib:runs/data/code_heldout.jsonl.gz; do
+for held in ${TEXTS:-answers:docs/results/long_form/self_answers/heldout.jsonl.gz stdlib:runs/data/code_heldout.jsonl.gz}; do
   .venv/bin/gateskip proxy qwen2.5-coder-0.5b --gates runs/qwen-coder-self/final --gates runs/qwen-coder-self-start \
     --gates runs/qwen-coder-infl/final \
     --methods gateskip,shortgpt,random --text ${held#*:} --search-text runs/data/code_train.jsonl.gz \
