@@ -40,6 +40,8 @@ p.add_argument("--text", required=True)
 p.add_argument("--sequences", type=int, default=4)
 p.add_argument("--length", type=int, default=256)
 args = p.parse_args()
+if (args.out / "gateskip.safetensors").exists():
+    raise SystemExit(f"error: {args.out / 'gateskip.safetensors'} exists; choose another output folder")
 
 model, tok = load_model("qwen2.5-coder-0.5b")
 load_gates(model, args.source)

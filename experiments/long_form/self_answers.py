@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--train", type=int, default=360, help="training answers (a seeded sample of the stubs)")
     p.add_argument("--max-tokens", type=int, default=384)
     args = p.parse_args()
+    done = [args.out / f"{side}.jsonl.gz" for side in ("train", "heldout") if (args.out / f"{side}.jsonl.gz").exists()]
+    if done:  # committed text others were trained on: never rewritten by a rerun
+        raise SystemExit(f"error: {done[0]} exists; choose another output folder")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     from transformers import AutoTokenizer
