@@ -132,6 +132,10 @@ def test_training_under_an_allocation_leaves_removed_modules_alone_and_recalibra
     entry = model.gate_bank.allocations["0.1"]
     assert entry["ratios"] == {"attn.0": 1.0, "mlp.1": 0.5} and entry["thresholds"].keys() == stale.keys()
     assert entry["thresholds"] != stale  # calibrated again for the trained gates
+    # the record names the gates it trained (the initial file's), not the command's gate defaults
+    for record in (final / "train_config.json", tmp_path / "run" / "train_config.json"):
+        saved = json.loads(record.read_text())
+        assert saved["gates"]["application"] == "unit" and saved["gates"]["init_bias"] == 0.0  # a fresh start: 5.0
 
 
 def test_a_gated_model_folder_trains_fresh_gates(assets, tmp_path):

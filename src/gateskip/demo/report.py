@@ -215,8 +215,9 @@ def gate_provenance(file: Path) -> str:
     if not path.is_file():
         return "no train_config.json beside the gate file"
     c = json.loads(path.read_text())
-    return (f"trained by `{path}`: objective {c.get('objective', 'lm')}, {c.get('gate_application', 'soft')} "
-            f"{c.get('gate_kind')} gates, {c.get('steps')} steps on {', '.join(map(str, c.get('data', [])))}")
+    gates = c.get("gates") or {"application": c.get("gate_application", "soft"), "kind": c.get("gate_kind")}
+    return (f"trained by `{path}`: objective {c.get('objective', 'lm')}, {gates['application']} "
+            f"{gates['kind']} gates, {c.get('steps')} steps on {', '.join(map(str, c.get('data', [])))}")
 
 
 def _gates_md(info: dict) -> list[str]:

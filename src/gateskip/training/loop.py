@@ -166,6 +166,12 @@ def _gate_bank(model) -> torch.nn.Module:
     return model.get_base_model().gate_bank if hasattr(model, "get_base_model") else model.gate_bank
 
 
+def run_record(cfg: TrainConfig, model) -> dict:
+    """What train_config.json holds: the command's options, and under "gates" the options of the
+    gates it trained, which --init-gates takes from its file whatever --gate-kind/--rank say."""
+    return {**dataclasses.asdict(cfg), "gates": dataclasses.asdict(_gate_bank(model).config)}
+
+
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
     """Gates and backbone (or LoRA adapters) train with their own learning rates."""
     gates = [p for n, p in model.named_parameters() if p.requires_grad and "gate_bank." in n]
@@ -332,7 +338,7 @@ def export(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, folder:
                 backbone = {k: v for k, v in trained.state_dict().items() if not k.startswith("gate_bank.")}
                 trained.save_pretrained(written, state_dict=backbone)
                 tokenizer.save_pretrained(written)
-            (written / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            (written / "train_config.json").write_text(json.dumps(run_record(cfg, trained), indent=2))
     accelerator.wait_for_everyone()
     return folder
 
@@ -386,7 +392,7 @@ def train(cfg: TrainConfig) -> Path:
 
     start = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(out)) if cfg.resume else 0
     if accelerator.is_main_process:
-        write_json(out / "train_config.json", dataclasses.asdict(cfg), indent=2)
+        write_json(out / "train_config.json", run_record(cfg, accelerator.unwrap_model(model)), indent=2)
     if trackers:
         accelerator.init_trackers("gateskip")
     log = MetricsLog(accelerator, out / "metrics.jsonl", start)
