@@ -8,6 +8,8 @@
 # Each step keeps what it finished; logs in runs/logs/, results in docs/results/long_form/.
 #
 #   bash experiments/long_form/self_text_gates.sh answers|allocate|train|all
+#   bash experiments/long_form/self_text_gates.sh wide   # then 20 and 25 % searched the same way into a copy of
+#                                                       # the trained gates (runs/qwen-coder-self-wide)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -41,4 +43,18 @@ if [[ $step == train || $step == all ]]; then
     --mixed-precision bf16 --max-minutes 25 --eval-blocks 4 --save-every 10 $resume 2>&1 | tee -a runs/logs/qwen-coder-self.log
   tr '\r' '\n' < runs/logs/qwen-coder-self.log | grep -v -E "^train: |it/s\]$|^\s*$" > docs/results/long_form/self_text/train.log
   cp $RUN/metrics.jsonl docs/results/long_form/self_text/
+fi
+
+if [[ $step == wide ]]; then
+  # more targets (default 20 and 25 %; TARGETS="0.07" for one more) searched as stage 3 searched 5-15 %: from
+  # ShortGPT's removal, up to 3 exchanges, on the same 4 x 128 tokens of the answers, into a copy of the trained
+  # gates (whose 25 % allocation was the stdlib search's); thresholds calibrated on that search text
+  WIDE=runs/qwen-coder-self-wide
+  T=${TARGETS:-0.2 0.25}
+  mkdir -p $WIDE && cp -n $RUN/final/gateskip.safetensors $WIDE/
+  $G allocate qwen2.5-coder-0.5b --gates $WIDE --targets $T --refine removal --rounds 3 \
+    --bf16 --text $TEXT --sequences 4 --length 128 --levels 0.5 1.0 \
+    --plot docs/results/long_form/self_text/allocation-wide.png --overwrite 2>&1 | tee runs/logs/qwen-coder-wide-allocate.log
+  tr '\r' '\n' < runs/logs/qwen-coder-wide-allocate.log | grep -v -E "(it/s|module|exchange)\]$|^\s*$" \
+    > docs/results/long_form/self_text/allocate-${T// /-}.log
 fi
