@@ -19,9 +19,9 @@ else
   .venv/bin/python experiments/long_form/sweep.py --out $OUT --base-from docs/results/long_form/base \
     --row gated=${1:-runs/qwen-coder-infl/final} --targets 0 --tasks humaneval
 fi
-.venv/bin/python - <<'PY' | tee $OUT/compare.log
+OUT=$OUT .venv/bin/python - <<'PY' | tee $OUT/compare.log
 import glob, json, os
-out = "docs/results/long_form/target_zero"
+out = os.environ["OUT"]
 runs = {"stock vLLM (lm_eval's command line)": {r["doc_id"]: r["resps"][0][0] for r in map(json.loads, open(sorted(glob.glob(
     "docs/results/long_form/base/humaneval/*/samples_humaneval_*.jsonl"))[-1]))}}
 for name, label in (("gated", "gated engine at target 0"), ("stock", "stock vLLM again (sweep.py, no gates)")):
