@@ -1,7 +1,7 @@
 """Is a row ahead of another at equal net saving? From sweep.py's results.json: for each point of
 row B (default ShortGPT), row A's pass@1 read off its curve at B's measured net saving (linear
-between A's two neighbouring measured points), and the difference against the combined standard
-error; and for each pair of points at the same target, the paired difference (both rows score the
+between A's two neighbouring measured points, as `gateskip proxy` reads its curves), and the
+difference against the combined standard error; and for each pair of points at the same target, the paired difference (both rows score the
 same problems, so the per-problem differences give a tighter standard error).
 
     .venv/bin/python experiments/long_form/compare_rows.py docs/results/long_form/sweep/results.json \
@@ -14,16 +14,15 @@ import argparse
 import json
 import math
 
+from gateskip.search.proxy import interpolate
 
-def interpolate(points: list[dict], saving: float) -> tuple[float, float] | None:
-    """(pass@1, stderr) of a row at a net saving, linear between its measured neighbours (the larger
-    stderr of the two); None outside the measured range."""
-    points = sorted(points, key=lambda r: r["net_saving"])
-    for lo, hi in zip(points, points[1:]):
-        if lo["net_saving"] <= saving <= hi["net_saving"]:
-            w = (saving - lo["net_saving"]) / ((hi["net_saving"] - lo["net_saving"]) or 1.0)
-            return lo["pass@1"] + w * (hi["pass@1"] - lo["pass@1"]), max(lo["stderr"], hi["stderr"])
-    return None
+
+def read_at(points: list[dict], saving: float) -> tuple[float, float] | None:
+    """(pass@1, stderr) of a row at a net saving, both linear between its measured neighbours as
+    the proxy reads its curves (an upper bound on the interpolated value's own standard error);
+    None outside the measured range."""
+    value = interpolate(points, saving, "pass@1")
+    return None if value is None else (value, interpolate(points, saving, "stderr"))
 
 
 def paired(a: dict, b: dict) -> tuple[float, float]:
@@ -46,7 +45,7 @@ def main() -> None:
         rows = {name: [r for r in records if r["task"] == task and r["row"] in (name, "base")] for name in (args.a, args.b)}
         print(f"{task}: {args.a} read at {args.b}'s measured saving")
         for b in sorted((r for r in rows[args.b] if r["row"] == args.b), key=lambda r: r["net_saving"]):
-            at = interpolate(rows[args.a], b["net_saving"])
+            at = read_at(rows[args.a], b["net_saving"])
             if at is None:
                 print(f"  {b['net_saving']:.3f}: {args.b} {b['pass@1']:.3f}; {args.a} not measured this far")
                 continue
