@@ -1,10 +1,14 @@
-"""The random row as allocations the vLLM engine runs like any other: every module skips the same
-share of tokens (the share whose predicted net saving, gate cost included, is the target), and the
-tokens are chosen by gates with seeded random weights instead of trained ones, so which tokens
-skip is unrelated to what they need. Decoding thresholds are calibrated on the calibration text
-like the trained gates', so the engine skips the same shares. Written to a copy of a gate file.
+"""The paper's budget policy as allocations the vLLM engine runs like any other: every module skips
+the same share of tokens (the share whose predicted net saving, gate cost included, is the
+target), the tokens chosen by the gates. With --random the gates get seeded random weights, so
+which tokens skip is unrelated to what they need (the random row); without it the trained gates
+choose (the gates under the paper's equal share instead of a searched allocation). Decoding
+thresholds are calibrated on the calibration text like the searched allocations', so the engine
+skips the same shares. Written to a copy of a gate file.
 
-    .venv/bin/python experiments/long_form/random_allocations.py runs/qwen-coder-self/final runs/qwen-coder-random \
+    .venv/bin/python experiments/long_form/equal_share_allocations.py runs/qwen-coder-self/final runs/qwen-coder-random \
+        --random --text docs/results/long_form/self_answers/train.jsonl.gz
+    .venv/bin/python experiments/long_form/equal_share_allocations.py gates/qwen2.5-coder-0.5b-unit runs/qwen-coder-equal \
         --text docs/results/long_form/self_answers/train.jsonl.gz
 """
 
@@ -37,6 +41,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("source", type=Path)
 p.add_argument("out", type=Path)
 p.add_argument("--text", required=True)
+p.add_argument("--random", action="store_true", help="seeded random gate weights (the random row)")
 p.add_argument("--sequences", type=int, default=4)
 p.add_argument("--length", type=int, default=256)
 args = p.parse_args()
@@ -45,10 +50,11 @@ if (args.out / "gateskip.safetensors").exists():
 
 model, tok = load_model("qwen2.5-coder-0.5b")
 load_gates(model, args.source)
-torch.manual_seed(0)
-with torch.no_grad():
-    for param in model.gate_bank.parameters():  # random scores: a seeded random projection of each token
-        param.normal_(0.0, 0.02)
+if args.random:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.gate_bank.parameters():  # random scores: a seeded random projection of each token
+            param.normal_(0.0, 0.02)
 samples = sample_tokens(tok, args.text, args.sequences, args.length)
 costs, dense = sample_costs(model, samples[1])
 allocations = {}
