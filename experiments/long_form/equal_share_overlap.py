@@ -41,7 +41,8 @@ for name, target in runs:
     budget = args.share if target is None else allocation_budget(model, target)
     record = collect(model, ids, mask, budget=budget)
     skips = ~record.keep & record.valid  # (modules, B, T)
-    whole = skips.flatten(1).sum(1) >= 0.99 * record.valid.sum()  # removed modules (all but the first tokens skip)
+    removed = set() if target is None else {k for k, r in budget.ratios.items() if r >= 1.0}
+    whole = torch.tensor([k in removed for k in record.keys])  # modules the allocation removes (ratio 1)
     skipped = skips[~whole].sum(0)  # (B, T): partly skipped modules each token skips
     counts = skipped[record.valid].float()
     modules = int((~whole).sum())
